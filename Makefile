@@ -1,0 +1,28 @@
+# Everything a fresh machine needs: `make run` (the main job) and `make test` (the test suite) create the
+# virtual environment in .venv from requirements.lock on first use and reuse it afterwards.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: setup run test lint clean
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Main job on the embedded default: MovieLens-100K from the recbole package, DeepFM, test table.
+run: setup
+	$(PY) -m recsys.prepare --dataset ml-100k --out runs/data/ml-100k
+	$(PY) -m recsys.train --config recsys/configs/ml100k_deepfm.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(PY) -m ruff check recsys embedding_jobs launch tests benchmarks
+
+clean:
+	rm -rf runs .pytest_cache
