@@ -1,0 +1,332 @@
+"""Dataset schema files: what a raw dataset looks like and how it becomes model input.
+
+A schema (YAML or JSON) names its source files, the label rule, the split rule, and every field with its
+kind, the entity it describes and a one-line description. ``recsys.prepare`` turns it into a prepared
+dataset whose ``schema.json`` (:class:`PreparedSchema`) is what trainers and language-model jobs read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PAD_ID = 0  # padding in jagged/sequence inputs and in padded batches
+UNK_ID = 1  # a value never seen while building the vocabulary
+FIRST_ID = 2
+
+BUILTIN_SCHEMAS = ("ml-100k", "ml-1m")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SchemaError(ValueError):
+    """A schema file that cannot be used; the message names the file and the entry."""
+
+
+class FieldKind(str, Enum):
+    CATEGORICAL = "categorical"
+    MULTI_CATEGORICAL = "multi_categorical"
+    SEQUENCE = "sequence"
+    DENSE = "dense"
+
+
+class Entity(str, Enum):
+    USER = "user"
+    ITEM = "item"
+    CONTEXT = "context"
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One model input.
+
+    ``column`` is a column of the joined raw table (interactions + user and item side tables). Sequence
+    fields instead take ``history`` (which per-position attribute of the user's earlier interactions:
+    ``item_id``, ``rating``, or any item-side column) and share the vocabulary of ``share_vocab``.
+    """
+
+    name: str
+    kind: FieldKind
+    entity: Entity
+    description: str
+    column: str | None = None
+    separator: str | None = None  # multi-valued raw strings, e.g. "Comedy|Drama"
+    max_length: int | None = None  # multi-valued and sequence fields are capped to this many values
+    history: str | None = None
+    share_vocab: str | None = None  # use another field's vocabulary (and embedding table)
+    value_text: dict[str, str] | None = None  # codes to readable text, for the language-model side
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    column: str = "rating"
+    positive_above: float = 3.0  # value > positive_above is a click
+    negative_below: float = 3.0  # value < negative_below is a non-click; anything between is dropped
+    min_value: float | None = None  # values outside [min_value, max_value] are bad input, not dropped
+    max_value: float | None = None
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    method: str = "auto"  # auto: time if the source has timestamps, else random
+    ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 2024
+
+
+@dataclass(frozen=True)
+class TableSource:
+    """One raw table of a generic (``format: table``) source."""
+
+    path: str
+    key: str | None = None  # join key of a side table (user_id or item_id column name)
+    sep: str = ","
+    encoding: str = "utf-8"
+    has_header: bool = True
+    column_names: tuple[str, ...] | None = None  # when has_header is false
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    format: str  # movielens-100k, movielens-1m, table
+    root: str | None = None
+    interactions: TableSource | None = None
+    users: TableSource | None = None
+    items: TableSource | None = None
+    user_column: str = "user_id"
+    item_column: str = "item_id"
+    timestamp_column: str | None = "timestamp"
+
+
+@dataclass(frozen=True)
+class DatasetSchema:
+    name: str
+    description: str
+    source: SourceSpec
+    fields: tuple[FieldSpec, ...]
+    label: LabelRule = LabelRule()
+    split: SplitRule = SplitRule()
+    history_length: int = 20
+    path: Path | None = None  # the file it was read from; relative source paths resolve against it
+
+    def field(self, name: str) -> FieldSpec:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise SchemaError(f"{self.where}: no field named {name!r}; fields are {[f.name for f in self.fields]}")
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path else f"schema {self.name!r}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("path")
+        return json.loads(json.dumps(d, default=_json_default))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Enum):
+        return o.value
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o))
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise SchemaError(f"{where}: expected a mapping, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SchemaError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known - {'path'})}")
+    try:
+        return cls(**data)
+    except TypeError as e:
+        raise SchemaError(f"{where}: {e}") from None
+
+
+def _parse(data: dict[str, Any], path: Path | None) -> DatasetSchema:
+    where = str(path) if path else "schema"
+    data = dict(data)
+    src = dict(data.pop("source", None) or {})
+    for part in ("interactions", "users", "items"):
+        if src.get(part) is not None:
+            t = dict(src[part])
+            if t.get("column_names") is not None:
+                t["column_names"] = tuple(t["column_names"])
+            src[part] = _build(TableSource, t, f"{where}: source.{part}")
+    source = _build(SourceSpec, src, f"{where}: source")
+    raw_fields = data.pop("fields", None)
+    if not raw_fields:
+        raise SchemaError(f"{where}: 'fields' is missing or empty")
+    parsed = []
+    for i, f in enumerate(raw_fields):
+        f = dict(f)
+        fw = f"{where}: fields[{i}] ({f.get('name', '?')})"
+        try:
+            f["kind"] = FieldKind(f.get("kind"))
+            f["entity"] = Entity(f.get("entity"))
+        except ValueError as e:
+            raise SchemaError(f"{fw}: {e}; kinds: {[k.value for k in FieldKind]}, "
+                              f"entities: {[k.value for k in Entity]}") from None
+        if f.get("value_text") is not None:
+            f["value_text"] = {str(k): str(v) for k, v in f["value_text"].items()}
+        parsed.append(_build(FieldSpec, f, fw))
+    label = _build(LabelRule, data.pop("label", None) or {}, f"{where}: label")
+    split = dict(data.pop("split", None) or {})
+    if "ratios" in split:
+        split["ratios"] = tuple(float(r) for r in split["ratios"])
+    split = _build(SplitRule, split, f"{where}: split")
+    schema = _build(DatasetSchema, {**data, "source": source, "fields": tuple(parsed), "label": label,
+                                    "split": split, "path": path}, where)
+    validate(schema)
+    return schema
+
+
+def validate(schema: DatasetSchema) -> None:
+    w = schema.where
+    if not _NAME_RE.match(schema.name.replace("-", "_")):
+        raise SchemaError(f"{w}: dataset name {schema.name!r} must be letters, digits, '-' or '_'")
+    names = [f.name for f in schema.fields]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise SchemaError(f"{w}: duplicate field names {dupes}")
+    by_name = {f.name: f for f in schema.fields}
+    for f in schema.fields:
+        fw = f"{w}: field {f.name!r}"
+        # Field names become file names (vocab/<name>.parquet): keep them plain so no path can escape.
+        if not _NAME_RE.match(f.name):
+            raise SchemaError(f"{fw}: a field name must match {_NAME_RE.pattern}")
+        if f.kind is FieldKind.SEQUENCE:
+            if not f.history:
+                raise SchemaError(f"{fw}: a sequence field needs 'history' (item_id, rating or an item column)")
+            if f.column:
+                raise SchemaError(f"{fw}: a sequence field takes 'history', not 'column'")
+        elif not f.column:
+            raise SchemaError(f"{fw}: 'column' is missing")
+        if f.kind is FieldKind.MULTI_CATEGORICAL and not f.separator:
+            raise SchemaError(f"{fw}: a multi_categorical field needs 'separator'")
+        if f.share_vocab is not None:
+            owner = by_name.get(f.share_vocab)
+            if owner is None:
+                raise SchemaError(f"{fw}: share_vocab names unknown field {f.share_vocab!r}; fields are {names}")
+            if owner.share_vocab is not None:
+                raise SchemaError(f"{fw}: share_vocab must name a field that owns its vocabulary, "
+                                  f"but {owner.name!r} shares {owner.share_vocab!r}")
+            if owner.kind is FieldKind.DENSE or f.kind is FieldKind.DENSE:
+                raise SchemaError(f"{fw}: dense fields have no vocabulary to share")
+        if f.max_length is not None and f.max_length < 1:
+            raise SchemaError(f"{fw}: max_length must be >= 1")
+    r = schema.split.ratios
+    if len(r) != 3 or any(x <= 0 for x in r) or abs(sum(r) - 1.0) > 1e-6:
+        raise SchemaError(f"{w}: split.ratios must be three positive numbers that sum to 1, got {list(r)}")
+    if schema.split.method not in ("auto", "time", "random"):
+        raise SchemaError(f"{w}: split.method must be auto, time or random, got {schema.split.method!r}")
+    if schema.label.negative_below > schema.label.positive_above:
+        raise SchemaError(f"{w}: label.negative_below must be <= label.positive_above")
+    if schema.source.format not in ("movielens-100k", "movielens-1m", "table"):
+        raise SchemaError(f"{w}: source.format must be movielens-100k, movielens-1m or table, "
+                          f"got {schema.source.format!r}")
+    if schema.history_length < 1:
+        raise SchemaError(f"{w}: history_length must be >= 1")
+
+
+def load_schema(name_or_path: str | Path) -> DatasetSchema:
+    """Load a built-in schema by name (``ml-100k``, ``ml-1m``) or a YAML/JSON schema file."""
+    if str(name_or_path) in BUILTIN_SCHEMAS:
+        res = resources.files("recsys.data") / "schemas" / f"{name_or_path}.yaml"
+        return _parse(yaml.safe_load(res.read_text()), None)
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise SchemaError(f"schema file {path} does not exist (built-in schemas: {', '.join(BUILTIN_SCHEMAS)})")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise SchemaError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from None
+    return _parse(data, path.resolve())
+
+
+def resolve_inside(base: Path, relative: str, what: str) -> Path:
+    """``base / relative``, refusing paths that leave ``base`` (absolute paths, ``..``, symlinks out)."""
+    base = base.resolve()
+    target = (base / relative).resolve()
+    if not target.is_relative_to(base):
+        raise SchemaError(f"{what}: path {relative!r} leaves the folder {base}; schema paths must stay inside it")
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# The prepared dataset's schema.json (DESIGN.md contract 1)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreparedField:
+    name: str
+    kind: FieldKind
+    entity: Entity
+    description: str
+    vocab_size: int  # ids are 0..vocab_size-1, 0 = padding, 1 = unknown; 0 for dense fields
+    vocab_file: str | None  # relative to the prepared folder; id -> raw value (and readable text)
+    table: str  # the embedding table: the field itself or the field it shares a vocabulary with
+    max_length: int | None = None
+
+
+@dataclass(frozen=True)
+class PreparedSchema:
+    name: str
+    fingerprint: str
+    fields: tuple[PreparedField, ...]
+    label: str
+    split_method: str
+    counts: dict[str, int]
+    stats: dict[str, Any]
+    source: dict[str, Any]
+    format_version: int = 1
+
+    @property
+    def sparse_fields(self) -> tuple[PreparedField, ...]:
+        return tuple(f for f in self.fields if f.kind is not FieldKind.DENSE)
+
+    @property
+    def dense_fields(self) -> tuple[PreparedField, ...]:
+        return tuple(f for f in self.fields if f.kind is FieldKind.DENSE)
+
+    def field(self, name: str) -> PreparedField:
+        for f in self.fields:
+            if f.name == name:
+                return f
+        raise KeyError(f"prepared dataset {self.name!r} has no field {name!r}; "
+                       f"fields are {[f.name for f in self.fields]}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), default=_json_default, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def load(cls, folder: str | Path) -> PreparedSchema:
+        path = Path(folder) / "schema.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {folder} a prepared dataset? "
+                                    "Make one with `python -m recsys.prepare`.")
+        d = json.loads(path.read_text())
+        fs = tuple(PreparedField(**{**f, "kind": FieldKind(f["kind"]), "entity": Entity(f["entity"])})
+                   for f in d.pop("fields"))
+        return cls(fields=fs, **d)
+
+
+def field_names(schema: DatasetSchema | PreparedSchema) -> list[str]:
+    return [f.name for f in schema.fields]
+
+
+__all__ = [
+    "PAD_ID", "UNK_ID", "FIRST_ID", "SchemaError", "FieldKind", "Entity", "FieldSpec", "LabelRule", "SplitRule",
+    "TableSource", "SourceSpec", "DatasetSchema", "PreparedField", "PreparedSchema", "load_schema",
+    "resolve_inside", "field_names",
+]
