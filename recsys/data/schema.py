@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
+from dataclasses import asdict, dataclass, fields
+from enum import Enum, StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,14 +29,14 @@ class SchemaError(ValueError):
     """A schema file that cannot be used; the message names the file and the entry."""
 
 
-class FieldKind(str, Enum):
+class FieldKind(StrEnum):
     CATEGORICAL = "categorical"
     MULTI_CATEGORICAL = "multi_categorical"
     SEQUENCE = "sequence"
     DENSE = "dense"
 
 
-class Entity(str, Enum):
+class Entity(StrEnum):
     USER = "user"
     ITEM = "item"
     CONTEXT = "context"

@@ -1,0 +1,389 @@
+"""Raw dataset + schema -> prepared dataset (DESIGN.md contract 1).
+
+Output folder::
+
+    train.parquet valid.parquet test.parquet   label, one column per field (ids), rating/timestamp kept for
+                                               the language-model side (never model inputs)
+    vocab/<field>.parquet                      id -> raw value (and readable text where the schema gives it)
+    schema.json                                fields, vocabulary sizes, counts, split method, fingerprint
+
+Vocabularies: a field's values in the training split, plus every value of its side table (the catalogue of
+users or items is known up front and holds no labels). Values are ordered by training frequency, then by
+value. Id 0 is padding and id 1 is the unknown value: validation and test values outside the vocabulary
+map to it and are counted. Preparation is deterministic: the same inputs, schema and seed give the same
+bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from recsys.data.lists import Lists
+from recsys.data.schema import (
+    FIRST_ID,
+    UNK_ID,
+    DatasetSchema,
+    FieldKind,
+    FieldSpec,
+    PreparedField,
+    PreparedSchema,
+)
+from recsys.data.sources import DataError, RawTables, read_source, to_number
+
+log = logging.getLogger(__name__)
+
+PREPARE_VERSION = 1
+SPLITS = ("train", "valid", "test")
+ROW_GROUP_SIZE = 65_536
+
+
+def split_tokens(values: pd.Series, separator: str) -> Lists:
+    """'a|b|c' strings -> Lists of tokens; empty strings give empty lists."""
+    parts = values.fillna("").str.split(separator, regex=False)
+    parts = parts.map(lambda xs: [x.strip() for x in xs if x.strip()])
+    lengths = parts.map(len).to_numpy(dtype=np.int64)
+    offsets = np.zeros(len(parts) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.array([t for xs in parts for t in xs], dtype=object)
+    return Lists(offsets, flat)
+
+
+class Vocabulary:
+    """Raw value <-> id. Ids start at FIRST_ID; 0 is padding and 1 is unknown."""
+
+    def __init__(self, values: list[str]) -> None:
+        self.values = values
+        self._index = pd.Index(values)
+
+    @classmethod
+    def build(cls, train_tokens: np.ndarray, catalogue: np.ndarray | None) -> Vocabulary:
+        counts = pd.Series(train_tokens, dtype=object).value_counts()
+        if catalogue is not None:
+            extra = pd.Index(pd.unique(pd.Series(catalogue, dtype=object))).difference(counts.index)
+            counts = pd.concat([counts, pd.Series(0, index=extra)])
+        order = pd.DataFrame({"value": counts.index.astype(str), "count": counts.to_numpy()})
+        order = order[order["value"] != ""].sort_values(["count", "value"], ascending=[False, True], kind="stable")
+        return cls(order["value"].tolist())
+
+    def __len__(self) -> int:  # the embedding table's size: values plus the two reserved ids
+        return len(self.values) + FIRST_ID
+
+    def encode(self, tokens: np.ndarray) -> tuple[np.ndarray, int]:
+        """Ids for raw tokens, and how many were unknown (mapped to UNK_ID)."""
+        pos = self._index.get_indexer(pd.Index(tokens, dtype=object)) if len(tokens) else np.zeros(0, np.int64)
+        unknown = pos < 0
+        ids = np.where(unknown, UNK_ID, pos + FIRST_ID).astype(np.int64)
+        return ids, int(unknown.sum())
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(schema: DatasetSchema, raw: RawTables) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"prepare_version": PREPARE_VERSION, "schema": schema.to_dict()}, sort_keys=True).encode())
+    for f in raw.files:
+        h.update(f.name.encode() + b"\0" + _sha256_file(f).encode())
+    return h.hexdigest()[:16]
+
+
+def _labels(schema: DatasetSchema, raw: RawTables) -> tuple[np.ndarray, np.ndarray]:
+    """Label per interaction (NaN where the rule drops the row)."""
+    rule = schema.label
+    values = to_number(raw.interactions, rule.column, "a number (the label column)")
+    out_of_range = np.zeros(values.shape, dtype=bool)
+    if rule.min_value is not None:
+        out_of_range |= values < rule.min_value
+    if rule.max_value is not None:
+        out_of_range |= values > rule.max_value
+    if out_of_range.any():
+        i = int(np.flatnonzero(out_of_range)[0])
+        line = raw.interactions.attrs.get("first_line", 1) + i
+        raise DataError(f"{raw.interactions.attrs.get('path')}, line {line}, column {rule.column!r}: "
+                        f"{values[i]:g} is outside the label rule's range [{rule.min_value}, {rule.max_value}] "
+                        f"({int(out_of_range.sum())} such rows)")
+    label = np.full(values.shape, np.nan)
+    label[values > rule.positive_above] = 1.0
+    label[values < rule.negative_below] = 0.0
+    return label, values
+
+
+def _split(schema: DatasetSchema, keep: np.ndarray, timestamps: np.ndarray | None) -> tuple[str, list[np.ndarray]]:
+    method = schema.split.method
+    if method == "auto":
+        method = "time" if timestamps is not None else "random"
+    if method == "time" and timestamps is None:
+        raise DataError(f"{schema.where}: split.method is 'time' but the source has no timestamps")
+    if method == "time":
+        order = keep[np.argsort(timestamps[keep], kind="stable")]
+    else:
+        order = keep[np.random.default_rng(schema.split.seed).permutation(len(keep))]
+    n = len(order)
+    n_train = int(n * schema.split.ratios[0])
+    n_valid = int(n * schema.split.ratios[1])
+    parts = [order[:n_train], order[n_train:n_train + n_valid], order[n_train + n_valid:]]
+    for name, part in zip(SPLITS, parts, strict=True):
+        if len(part) == 0:
+            raise DataError(f"{schema.where}: the {name} split is empty ({n} labelled rows); "
+                            "the dataset is too small for the split ratios")
+    return method, parts
+
+
+def _entity_index(raw: RawTables, table: pd.DataFrame | None, key: str) -> np.ndarray:
+    """Row of ``table`` for each interaction; -1 where the side table lacks the key."""
+    if table is None:
+        return np.full(len(raw.interactions), -1, dtype=np.int64)
+    dupes = table[key].duplicated()
+    if dupes.any():
+        i = int(np.flatnonzero(dupes.to_numpy())[0])
+        raise DataError(f"{table.attrs.get('path')}, line {table.attrs.get('first_line', 1) + i}: "
+                        f"duplicate {key} {table[key].iloc[i]!r}")
+    return pd.Index(table[key]).get_indexer(raw.interactions[key])
+
+
+class _Columns:
+    """Raw per-interaction tokens of a field, resolved through the side tables."""
+
+    def __init__(self, raw: RawTables) -> None:
+        self.raw = raw
+        self.user_idx = _entity_index(raw, raw.users, "user_id")
+        self.item_idx = _entity_index(raw, raw.items, "item_id")
+
+    def locate(self, column: str, where: str) -> tuple[pd.DataFrame, np.ndarray | None]:
+        """The table holding ``column`` and the per-interaction row index into it (None: interactions)."""
+        if column in self.raw.interactions.columns:
+            return self.raw.interactions, None
+        for table, idx in ((self.raw.users, self.user_idx), (self.raw.items, self.item_idx)):
+            if table is not None and column in table.columns:
+                return table, idx
+        cols = sorted(set(self.raw.interactions.columns) | set(self.raw.users.columns if self.raw.users is not None
+                      else []) | set(self.raw.items.columns if self.raw.items is not None else []))
+        raise DataError(f"{where}: column {column!r} is in none of the source tables; columns are {cols}")
+
+    def lists(self, column: str, separator: str | None, where: str) -> tuple[Lists, np.ndarray | None]:
+        """Per-interaction token lists, and the catalogue: every value of the column in a side table
+        (a user or item table also lists users and items that have no training interactions)."""
+        table, idx = self.locate(column, where)
+        own = self._tokens(table[column], separator)
+        catalogue = None
+        for side in (self.raw.users, self.raw.items):
+            if side is not None and column in side.columns:
+                catalogue = (own if side is table else self._tokens(side[column], separator)).values
+        if idx is None:
+            return own, catalogue
+        # one extra empty entity at the end for interactions whose user/item is not in the side table
+        padded = Lists(np.append(own.offsets, own.offsets[-1]), own.values)
+        return padded.take(np.where(idx < 0, len(table), idx)), catalogue
+
+    @staticmethod
+    def _tokens(values: pd.Series, separator: str | None) -> Lists:
+        if separator:
+            return split_tokens(values, separator)
+        return Lists(np.arange(len(values) + 1, dtype=np.int64), values.fillna("").to_numpy(dtype=object))
+
+
+def _history(raw: RawTables, timestamps: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each interaction: the (start, length) of its history in ``order``, the interactions sorted by
+    user then time. A history holds only interactions with a strictly earlier timestamp, the last
+    ``max_length`` of them, oldest first: never the row itself, never a tie, never a later one.
+    """
+    users = raw.interactions["user_id"].to_numpy(dtype=object)
+    user_codes = pd.factorize(users)[0]
+    order = np.lexsort((np.arange(len(users)), timestamps, user_codes))
+    su, st = user_codes[order], timestamps[order]
+    pos = np.arange(len(order), dtype=np.int64)
+    new_user = np.r_[True, su[1:] != su[:-1]]
+    new_time = new_user | np.r_[True, st[1:] != st[:-1]]
+    group_start = np.maximum.accumulate(np.where(new_user, pos, 0))
+    end = np.maximum.accumulate(np.where(new_time, pos, 0))  # exclusive: this user's strictly earlier rows
+    start = np.maximum(group_start, end - max_length)
+    starts = np.empty(len(users), dtype=np.int64)
+    lengths = np.empty(len(users), dtype=np.int64)
+    starts[order], lengths[order] = start, end - start
+    return order, np.stack([starts, lengths])
+
+
+def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress: bool = True) -> PreparedSchema:
+    """Prepare a dataset into ``out``. Returns the prepared schema that was written."""
+    stages = tqdm(total=6, desc=f"prepare {schema.name}", disable=not progress, unit="stage")
+    stages.set_postfix_str("reading")
+    raw = read_source(schema, root)
+    fp = fingerprint(schema, raw)
+    n_all = len(raw.interactions)
+    stages.update()
+
+    stages.set_postfix_str("labels and split")
+    label, rating = _labels(schema, raw)
+    keep = np.flatnonzero(~np.isnan(label))
+    timestamps = to_number(raw.interactions, "timestamp", "a timestamp") if raw.has_timestamp else None
+    split_method, parts = _split(schema, keep, timestamps)
+    stages.update()
+
+    stages.set_postfix_str("fields")
+    cols = _Columns(raw)
+    fields = list(schema.fields)
+    seq_fields = [f for f in fields if f.kind is FieldKind.SEQUENCE]
+    skipped = []
+    if seq_fields and timestamps is None:
+        skipped = [f.name for f in seq_fields]
+        log.warning("%s: no timestamps in the source, so behaviour histories cannot be ordered: "
+                    "skipping sequence fields %s", schema.name, skipped)
+        fields = [f for f in fields if f.kind is not FieldKind.SEQUENCE]
+    tokens: dict[str, Lists] = {}  # per-interaction token lists of every non-dense field
+    catalogue: dict[str, np.ndarray] = {}
+    dense: dict[str, np.ndarray] = {}
+    for f in fields:
+        where = f"{schema.where}: field {f.name!r}"
+        if f.kind is FieldKind.DENSE:
+            table, idx = cols.locate(f.column, where)
+            v = to_number(table, f.column)
+            dense[f.name] = (v if idx is None else np.where(idx < 0, 0.0, v[np.maximum(idx, 0)])).astype(np.float32)
+        elif f.kind is not FieldKind.SEQUENCE:
+            sep = f.separator if f.kind is FieldKind.MULTI_CATEGORICAL else None
+            tokens[f.name], cat = cols.lists(f.column, sep, where)
+            if cat is not None:
+                catalogue[f.name] = cat
+    history_span = None
+    if seq_fields and timestamps is not None:
+        order, history_span = _history(raw, timestamps, schema.history_length)
+        for f in seq_fields:
+            tokens[f.name] = _history_tokens(f, cols, tokens, order, history_span, schema)
+    stages.update()
+
+    stages.set_postfix_str("vocabularies")
+    train_rows = parts[0]
+    vocabs: dict[str, Vocabulary] = {}
+    for f in fields:
+        if f.kind is FieldKind.DENSE or f.share_vocab is not None:
+            continue
+        users_of = [g for g in fields if g.share_vocab == f.name]
+        train_tokens = [tokens[g.name].take(train_rows).values for g in (f, *users_of)]
+        vocabs[f.name] = Vocabulary.build(np.concatenate(train_tokens), catalogue.get(f.name))
+    stages.update()
+
+    stages.set_postfix_str("writing")
+    out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    (tmp / "vocab").mkdir()
+    stats: dict = {"rows_read": n_all, "rows_dropped_by_label_rule": int(n_all - len(keep)),
+                   "positive_rate": {}, "unknown_values": {}, "skipped_fields": skipped}
+    counts = {}
+    for name, rows in zip(SPLITS, parts, strict=True):
+        columns: dict[str, pa.Array] = {"label": pa.array(label[rows].astype(np.float32))}
+        unknown = {}
+        for f in fields:
+            if f.kind is FieldKind.DENSE:
+                columns[f.name] = pa.array(dense[f.name][rows])
+                continue
+            vocab = vocabs[f.share_vocab or f.name]
+            lists = tokens[f.name].take(rows)
+            ids, n_unk = vocab.encode(lists.values)
+            if n_unk and name != "train":
+                unknown[f.name] = n_unk
+            lists = Lists(lists.offsets, ids)
+            if f.kind is FieldKind.CATEGORICAL:
+                columns[f.name] = pa.array(ids)
+            else:
+                keep_end = "last" if f.kind is FieldKind.SEQUENCE else "first"
+                columns[f.name] = lists.capped(f.max_length, keep_end).to_arrow()
+        columns["rating"] = pa.array(rating[rows].astype(np.float32))
+        if timestamps is not None:
+            columns["timestamp"] = pa.array(timestamps[rows].astype(np.int64))
+        pq.write_table(pa.table(columns), tmp / f"{name}.parquet", row_group_size=ROW_GROUP_SIZE,
+                       compression="zstd")
+        counts[name] = len(rows)
+        stats["positive_rate"][name] = round(float(label[rows].mean()), 6)
+        stats["unknown_values"][name] = unknown
+        if unknown:
+            log.info("%s split: values outside the vocabulary mapped to the unknown id: %s", name, unknown)
+    prepared_fields = []
+    for f in fields:
+        owner = f.share_vocab or f.name
+        is_dense = f.kind is FieldKind.DENSE
+        if not is_dense and f.share_vocab is None:
+            _write_vocab(vocabs[f.name], f, tmp / f"vocab/{f.name}.parquet")
+        max_length = (f.max_length or schema.history_length) if f.kind is FieldKind.SEQUENCE else f.max_length
+        prepared_fields.append(PreparedField(
+            name=f.name, kind=f.kind, entity=f.entity, description=f.description,
+            vocab_size=0 if is_dense else len(vocabs[owner]),
+            vocab_file=None if is_dense else f"vocab/{owner}.parquet", table=owner, max_length=max_length))
+    prepared = PreparedSchema(
+        name=schema.name, fingerprint=fp, fields=tuple(prepared_fields), label="label",
+        split_method=split_method, counts=counts, stats=stats,
+        source={"format": schema.source.format, "files": [p.name for p in raw.files],
+                "has_timestamp": raw.has_timestamp, "split_seed": schema.split.seed,
+                "split_ratios": list(schema.split.ratios), "label_rule": schema.to_dict()["label"],
+                "history_length": schema.history_length if history_span is not None else None},
+    )
+    (tmp / "schema.json").write_text(prepared.to_json())
+    _replace_dir(tmp, out)
+    stages.update()
+    stages.set_postfix_str("done")
+    stages.update()
+    stages.close()
+    return prepared
+
+
+def _history_tokens(f: FieldSpec, cols: _Columns, tokens: dict[str, Lists], order: np.ndarray,
+                    span: np.ndarray, schema: DatasetSchema) -> Lists:
+    """Per-interaction history of one attribute: item ids, ratings or an item-side column (first token)."""
+    where = f"{schema.where}: field {f.name!r}"
+    attr = f.history
+    if attr == "item_id":
+        per_row = cols.raw.interactions["item_id"].fillna("").to_numpy(dtype=object)
+    elif attr in cols.raw.interactions.columns:
+        per_row = cols.raw.interactions[attr].fillna("").to_numpy(dtype=object)
+    else:
+        source = next((g for g in schema.fields if g.column == attr and g.name in tokens), None)
+        if source is None:
+            raise DataError(f"{where}: history attribute {attr!r} must be item_id, an interaction column, or "
+                            "the column of another (non-sequence) field")
+        lists = tokens[source.name]
+        lengths = np.diff(lists.offsets)
+        per_row = np.full(len(lengths), "", dtype=object)
+        per_row[lengths > 0] = lists.values[lists.offsets[:-1][lengths > 0]]
+    sorted_tokens = Lists(np.arange(len(order) + 1, dtype=np.int64), per_row[order])
+    return sorted_tokens.take_ranges(span[0], span[1])
+
+
+def _write_vocab(vocab: Vocabulary, f: FieldSpec, path: Path) -> None:
+    ids = np.arange(len(vocab), dtype=np.int64)
+    values = ["<pad>", "<unk>", *vocab.values]
+    columns = {"id": pa.array(ids), "value": pa.array(values, pa.string())}
+    if f.value_text:
+        columns["text"] = pa.array([f.value_text.get(v, v) for v in values], pa.string())
+    pq.write_table(pa.table(columns), path, compression="zstd")
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished folder into place, so a crash never leaves a half-written prepared dataset."""
+    out = out.resolve()
+    if out.exists():
+        if not (out / "schema.json").is_file() and any(out.iterdir()):
+            raise DataError(f"{out} exists, is not empty and is not a prepared dataset: refusing to replace it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        for p in sorted(old.rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+        old.rmdir()
+    else:
+        tmp.rename(out)
+    out.chmod(0o755)
