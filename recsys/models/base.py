@@ -44,10 +44,10 @@ class Backbone(nn.Module):
         emb = self.sparse_arch(batch)
         if extra is not None:
             emb = torch.cat([emb, extra], dim=1)
-        if emb.shape[1] != self.num_fields:
-            raise ValueError(f"{type(self).__name__} was built for {self.num_fields} fields, got {emb.shape[1]} "
-                             f"(extra fields given: {0 if extra is None else extra.shape[1]}, "
-                             f"expected {self.num_extra_fields})")
+        # torch._assert, not `if`: the train pipeline traces forward with torch.fx
+        torch._assert(emb.shape[1] == self.num_fields,
+                      f"{type(self).__name__} was built for {self.num_fields} fields "
+                      f"({self.num_extra_fields} of them extra)")
         return self.interact(emb, batch)
 
     def interact(self, emb: torch.Tensor, batch: Batch) -> CTROutput:

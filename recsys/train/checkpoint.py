@@ -1,0 +1,71 @@
+"""Sharded checkpoints with torch.distributed.checkpoint, written atomically.
+
+A checkpoint is a folder: DCP's shard files plus ``meta.json`` (epoch, metrics, early-stopping state).
+Every rank writes its shards into ``.<name>.tmp``; after a barrier rank 0 adds ``meta.json`` and renames
+the folder into place. A folder without ``meta.json`` (a crash mid-write) is never loaded. Loading goes
+through DCP, which reads tensors and never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.optim import Optimizer
+
+META = "meta.json"
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Checkpointer:
+    def __init__(self, root: Path, is_main: bool) -> None:
+        self.root = Path(root)
+        self.is_main = is_main
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / META).is_file()
+
+    def meta(self, name: str) -> dict[str, Any]:
+        return json.loads((self.path(name) / META).read_text())
+
+    def save(self, name: str, model: nn.Module, optimizer: Optimizer, meta: dict[str, Any]) -> None:
+        final, tmp = self.path(name), self.root / f".{name}.tmp"
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+        _barrier()
+        if self.is_main:
+            (tmp / META).write_text(json.dumps(meta, indent=2))
+            old = self.root / f".{name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        _barrier()
+
+    def load(self, name: str, model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
+        if not self.exists(name):
+            raise FileNotFoundError(f"no complete checkpoint {self.path(name)} (missing {META})")
+        state: dict[str, Any] = {"model": model.state_dict()}
+        if optimizer is not None:
+            state["optim"] = optimizer.state_dict()
+        dcp.load(state, checkpoint_id=str(self.path(name)))
+        model.load_state_dict(state["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optim"])
+        return self.meta(name)

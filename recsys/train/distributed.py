@@ -1,0 +1,136 @@
+"""Process group set-up and TorchRec sharding: planner, fused embedding optimizers, DistributedModelParallel."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.types import ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from recsys.train.config import ConfigError, OptimConfig
+
+log = logging.getLogger(__name__)
+
+CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
+GPU_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise", "grid_shard")
+EMBEDDING_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad,
+                        "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_s: float = 300.0) -> DistEnv:
+    """Join the job's process group (torchrun/TorchX set RANK etc.), or make a 1-process group.
+
+    NCCL on GPUs, gloo on CPUs. ``timeout_s`` bounds how long a collective waits for a lost rank.
+    """
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if torch.cuda.is_available():
+        device, backend = torch.device("cuda", local_rank), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        if "MASTER_ADDR" in os.environ:
+            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    return DistEnv(rank, world, local_rank, local_world, device)
+
+
+def embedding_tables(model: nn.Module) -> list[EmbeddingBagCollection]:
+    return [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
+
+
+def check_optim(cfg: OptimConfig, device: torch.device) -> None:
+    if cfg.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+        raise ConfigError(f"optim.embedding_optimizer {cfg.embedding_optimizer!r} is not one of "
+                          f"{sorted(EMBEDDING_OPTIMIZERS)}")
+    if cfg.embedding_optimizer == "adam" and device.type == "cpu":
+        raise ConfigError("optim.embedding_optimizer=adam: FBGEMM's fused Adam runs on GPUs only; on CPU use "
+                          "adagrad, rowwise_adagrad or sgd")
+    if cfg.dense_optimizer not in DENSE_OPTIMIZERS:
+        raise ConfigError(f"optim.dense_optimizer {cfg.dense_optimizer!r} is not one of {sorted(DENSE_OPTIMIZERS)}")
+
+
+def check_sharding_types(types: list[str] | None, device: torch.device) -> None:
+    allowed = CPU_SHARDING_TYPES if device.type == "cpu" else GPU_SHARDING_TYPES
+    for t in types or []:
+        if t not in allowed:
+            hint = " (row-wise sharding needs GPUs)" if "row" in t and device.type == "cpu" else ""
+            raise ConfigError(f"train.sharding_types: {t!r} is not available on {device.type}{hint}; "
+                              f"choose from {list(allowed)}")
+
+
+def fuse_embedding_optimizer(model: nn.Module, cfg: OptimConfig) -> None:
+    """Embedding updates run inside backward as FBGEMM fused kernels (no dense gradient for tables)."""
+    opt_cls = EMBEDDING_OPTIMIZERS[cfg.embedding_optimizer]
+    kwargs: dict = {"lr": cfg.embedding_lr}
+    if cfg.embedding_optimizer in ("adagrad", "rowwise_adagrad", "adam"):
+        kwargs["eps"] = cfg.embedding_eps
+    params = [p for ebc in embedding_tables(model) for p in ebc.parameters()]
+    apply_optimizer_in_backward(opt_cls, params, kwargs)
+
+
+def plan_and_shard(model: nn.Module, env: DistEnv, per_rank_batch: int,
+                   sharding_types: list[str] | None) -> tuple[DistributedModelParallel, ShardingPlan]:
+    constraints = None
+    if sharding_types:
+        constraints = {cfg.name: ParameterConstraints(sharding_types=list(sharding_types))
+                       for ebc in embedding_tables(model) for cfg in ebc.embedding_bag_configs()}
+    planner = EmbeddingShardingPlanner(
+        topology=Topology(world_size=env.world_size, local_world_size=env.local_world_size,
+                          compute_device=env.device.type),
+        batch_size=per_rank_batch,
+        constraints=constraints,
+    )
+    sharders = get_default_sharders()
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
+    return dmp, plan
+
+
+def describe_plan(plan: ShardingPlan) -> str:
+    """One line per table: module, table, sharding type, kernel, ranks (and column split)."""
+    lines = [f"{'module':<28} {'table':<18} {'sharding':<18} {'kernel':<14} ranks"]
+    for module, params in plan.plan.items():
+        for table, ps in params.items():
+            ranks = ps.ranks or []
+            extra = ""
+            if ps.sharding_type in (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value):
+                extra = " cols " + ",".join(str(s.shard_sizes[1]) for s in ps.sharding_spec.shards) \
+                    if ps.sharding_spec else ""
+            lines.append(f"{module or '-':<28} {table:<18} {ps.sharding_type:<18} {ps.compute_kernel:<14} "
+                         f"{ranks}{extra}")
+    return "\n".join(lines)
+
+
+def dense_parameters(dmp: nn.Module) -> dict[str, nn.Parameter]:
+    return dict(in_backward_optimizer_filter(dmp.named_parameters()))
