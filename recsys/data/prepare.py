@@ -39,7 +39,7 @@ from recsys.data.schema import (
     PreparedField,
     PreparedSchema,
 )
-from recsys.data.sources import DataError, RawTables, read_source, to_number
+from recsys.data.sources import DataError, RawTables, line_of, read_source, to_number
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def _labels(schema: DatasetSchema, raw: RawTables) -> tuple[np.ndarray, np.ndarr
         out_of_range |= values > rule.max_value
     if out_of_range.any():
         i = int(np.flatnonzero(out_of_range)[0])
-        line = raw.interactions.attrs.get("first_line", 1) + i
+        line = line_of(raw.interactions, i)
         raise DataError(f"{raw.interactions.attrs.get('path')}, line {line}, column {rule.column!r}: "
                         f"{values[i]:g} is outside the label rule's range [{rule.min_value}, {rule.max_value}] "
                         f"({int(out_of_range.sum())} such rows)")
@@ -152,7 +152,7 @@ def _entity_index(raw: RawTables, table: pd.DataFrame | None, key: str) -> np.nd
     dupes = table[key].duplicated()
     if dupes.any():
         i = int(np.flatnonzero(dupes.to_numpy())[0])
-        raise DataError(f"{table.attrs.get('path')}, line {table.attrs.get('first_line', 1) + i}: "
+        raise DataError(f"{table.attrs.get('path')}, line {line_of(table, i)}: "
                         f"duplicate {key} {table[key].iloc[i]!r}")
     return pd.Index(table[key]).get_indexer(raw.interactions[key])
 
@@ -187,8 +187,12 @@ class _Columns:
                 catalogue = (own if side is table else self._tokens(side[column], separator)).values
         if idx is None:
             return own, catalogue
-        # one extra empty entity at the end for interactions whose user/item is not in the side table
-        padded = Lists(np.append(own.offsets, own.offsets[-1]), own.values)
+        # One extra entity at the end for interactions whose user or item is missing from the side table:
+        # no values for a multi-valued field, the empty (hence unknown) value for a single-valued one.
+        if separator:
+            padded = Lists(np.append(own.offsets, own.offsets[-1]), own.values)
+        else:
+            padded = Lists(np.append(own.offsets, own.offsets[-1] + 1), np.append(own.values, ""))
         return padded.take(np.where(idx < 0, len(table), idx)), catalogue
 
     @staticmethod

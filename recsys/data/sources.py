@@ -60,17 +60,19 @@ def read_delimited(path: Path, sep: str, names: list[str] | None, encoding: str 
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}, line {line}: bytes that are not valid {encoding} ({e.reason}); "
                         f"set the table's 'encoding' in the schema (MovieLens files are latin-1)") from None
+    given_sep = sep
     if len(sep) > 1:
         text = text.replace(sep, _SEP)
         sep = _SEP
     header_lines = 0 if names else 1
 
-    def bad_row(row: pacsv.InvalidRow) -> str:
-        raise DataError(f"{path}, line {row.number}: malformed row, expected {row.expected_columns} columns "
-                        f"separated by {sep!r}, found {row.actual_columns}: {row.text[:200]!r}")
+    bad: list[pacsv.InvalidRow] = []
 
-    read = pacsv.ReadOptions(column_names=names, autogenerate_column_names=False, use_threads=False,
-                             skip_rows=0)
+    def bad_row(row: pacsv.InvalidRow) -> str:
+        bad.append(row)  # an exception raised here would be swallowed by pyarrow: report after reading
+        return "skip"
+
+    read = pacsv.ReadOptions(column_names=names, autogenerate_column_names=False, use_threads=False)
     parse = pacsv.ParseOptions(delimiter=sep, quote_char=False, invalid_row_handler=bad_row)
     first = text[: text.find("\n")].rstrip("\r") if names is None else ""
     columns = names if names is not None else first.split(sep)
@@ -80,11 +82,34 @@ def read_delimited(path: Path, sep: str, names: list[str] | None, encoding: str 
                                convert_options=convert)
     except pa.ArrowInvalid as e:
         raise DataError(f"{path}: cannot parse: {e}") from None
+    if bad:
+        row = bad[0]
+        raise DataError(f"{path}, line {row.number}: malformed row, expected {row.expected_columns} columns "
+                        f"separated by {given_sep!r}, found {row.actual_columns}: "
+                        f"{row.text.replace(_SEP, given_sep)[:200]!r} ({len(bad)} malformed rows)")
     if table.num_rows == 0:
         raise DataError(f"{path}: no data rows")
     df = table.to_pandas()
-    df.attrs["path"], df.attrs["first_line"] = str(path), 1 + header_lines
+    df.attrs["path"], df.attrs["header_lines"] = str(path), header_lines
     return df
+
+
+def line_of(df: pd.DataFrame, row: int) -> int:
+    """The 1-based file line of DataFrame row ``row``, counting the blank lines the reader skipped.
+
+    Computed only when an error is reported, by scanning the file again.
+    """
+    path, header = df.attrs.get("path"), df.attrs.get("header_lines", 0)
+    if path is None or path.endswith(".parquet"):
+        return row + 1
+    seen = -header
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip(b"\r\n"):
+                if seen == row:
+                    return number
+                seen += 1
+    return row + header + 1
 
 
 def read_table(src: TableSource, base: Path, what: str) -> pd.DataFrame:
@@ -94,7 +119,7 @@ def read_table(src: TableSource, base: Path, what: str) -> pd.DataFrame:
             raise DataError(f"missing file: {path}")
         df = pq.read_table(path).to_pandas()
         df = df.astype({c: str for c in df.columns})
-        df.attrs["path"], df.attrs["first_line"] = str(path), 1  # 'line' means row number (1-based) here
+        df.attrs["path"], df.attrs["header_lines"] = str(path), 0  # a 'line' is a row number (1-based) here
         return df
     names = list(src.column_names) if not src.has_header else None
     if not src.has_header and not src.column_names:
@@ -110,7 +135,7 @@ def to_number(df: pd.DataFrame, column: str, what: str = "a number") -> np.ndarr
     bad = np.flatnonzero(np.isnan(values))
     if bad.size:
         i = int(bad[0])
-        line = df.attrs.get("first_line", 1) + i
+        line = line_of(df, i)
         raise DataError(f"{df.attrs.get('path', 'table')}, line {line}, column {column!r}: "
                         f"{df[column].iloc[i]!r} is not {what} ({bad.size} such rows)")
     return values

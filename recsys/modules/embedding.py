@@ -59,12 +59,14 @@ class SparseArch(nn.Module):
         # Pooled outputs come grouped by table; remember how to put them back in schema order.
         self._order = [keys.index(n) for n in self.sparse_names]
         self._in_order = self._order == list(range(len(keys)))
-        self.dense_weight = nn.Parameter(torch.empty(len(self.dense_names), embedding_dim, device=device))
+        self.dense_weight = (nn.Parameter(torch.empty(len(self.dense_names), embedding_dim, device=device))
+                             if self.dense_names else None)
         if device.type != "meta":
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.dense_weight, std=0.01)
+        if self.dense_weight is not None:
+            nn.init.normal_(self.dense_weight, std=0.01)
 
     @property
     def field_names(self) -> list[str]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.optim import Optimizer
 
 META = "meta.json"
@@ -61,11 +62,14 @@ class Checkpointer:
     def load(self, name: str, model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
         if not self.exists(name):
             raise FileNotFoundError(f"no complete checkpoint {self.path(name)} (missing {META})")
-        state: dict[str, Any] = {"model": model.state_dict()}
-        if optimizer is not None:
-            state["optim"] = optimizer.state_dict()
-        dcp.load(state, checkpoint_id=str(self.path(name)))
+        path = str(self.path(name))
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=path)
         model.load_state_dict(state["model"])
         if optimizer is not None:
+            # Partial: a dummy step creates optimizer state for parameters that never had a gradient,
+            # which the checkpoint rightly lacks. Every parameter's weights were loaded strictly above.
+            state = {"optim": optimizer.state_dict()}
+            dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
             optimizer.load_state_dict(state["optim"])
         return self.meta(name)
