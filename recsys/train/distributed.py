@@ -103,8 +103,14 @@ def plan_and_shard(model: nn.Module, env: DistEnv, per_rank_batch: int,
                    sharding_types: list[str] | None) -> tuple[DistributedModelParallel, ShardingPlan]:
     constraints = None
     if sharding_types:
-        constraints = {cfg.name: ParameterConstraints(sharding_types=list(sharding_types))
-                       for ebc in embedding_tables(model) for cfg in ebc.embedding_bag_configs()}
+        # Column-wise shards are at least min_partition wide (default 32, wider than CTR tables): ask for
+        # one shard per rank so that column-wise sharding actually splits a table.
+        split = any("column" in t for t in sharding_types)
+        constraints = {
+            cfg.name: ParameterConstraints(
+                sharding_types=list(sharding_types),
+                min_partition=max(4, cfg.embedding_dim // env.world_size) if split else None)
+            for ebc in embedding_tables(model) for cfg in ebc.embedding_bag_configs()}
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=env.world_size, local_world_size=env.local_world_size,
                           compute_device=env.device.type),
