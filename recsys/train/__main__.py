@@ -10,8 +10,27 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from recsys.train.config import ConfigError, load_config
+
+
+class _ThirdPartyFilter(logging.Filter):
+    """Drop torch/torchrec/fbgemm records below ERROR (the planner warns about every replicated table)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        noisy = any(part in record.pathname for part in ("/torchrec/", "/torch/", "/fbgemm_gpu/"))
+        return record.levelno >= logging.ERROR or not noisy
+
+
+def quiet_third_party() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_ThirdPartyFilter())
+    for name in ("torchrec", "torch.distributed", "torch.fx", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,10 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="override any setting, e.g. train.seed=3 model.backbone=dcnv2 data.batch_size=2048")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--verbose", action="store_true", help="also show torch/torchrec warnings and info logs")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("torchrec", "torch.distributed", "fbgemm_gpu"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not args.verbose:
+        quiet_third_party()
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
