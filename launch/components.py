@@ -1,0 +1,183 @@
+"""TorchX components: one typed function per job, each returning an AppDef.
+
+Every job is a plain ``python -m`` entry point; these functions only say how to launch it. The same
+component runs on this machine or on a cluster by changing the scheduler::
+
+    torchx run -s local_cwd launch/components.py:prepare --dataset ml-100k --out runs/data/ml-100k
+    torchx run -s local_cwd launch/components.py:train_local --config recsys/configs/ml100k_deepfm.yaml -j 1x2
+    torchx run -s kubernetes --dryrun launch/components.py:train_cluster --image REPO/llmctr:0.1 \\
+        --config recsys/configs/ml100k_deepfm.yaml -j 2x8 --gpu 8
+
+Arguments are checked before any worker starts (a missing dataset or config, an impossible ``-j``), so a
+bad launch fails in seconds with a message that says what to change.
+"""
+
+
+import re
+from pathlib import Path
+
+from torchx import specs
+from torchx.components import dist
+
+LOCAL_IMAGE = "."  # local_cwd runs in the current directory; the image is not used
+_J = re.compile(r"^(?:(\d+):)?(\d+)x(\d+)$")
+
+
+def _nodes(j: str, local: bool) -> tuple[int, int]:
+    """``-j [min:]NODESxPROCS`` as (nodes, procs per node), refusing what cannot run."""
+    m = _J.match(j)
+    if not m:
+        raise ValueError(f"-j {j!r}: expected [MIN:]NODESxPROCS_PER_NODE, e.g. 1x2 or 2x8")
+    nodes, procs = int(m.group(2)), int(m.group(3))
+    if nodes < 1 or procs < 1:
+        raise ValueError(f"-j {j!r}: nodes and processes per node must be at least 1")
+    if local and nodes != 1:
+        raise ValueError(f"-j {j!r}: a local run has one node; use -j 1x{procs * nodes} or a cluster scheduler")
+    return nodes, procs
+
+
+def _check_training_config(config: str, overrides: list[str], world_size: int, local: bool) -> None:
+    from recsys.train.config import ConfigError, load_config  # torch import only when a component is built
+
+    try:
+        cfg = load_config(config, overrides)
+    except ConfigError as e:
+        raise ValueError(f"--config {config}: {e}") from None
+    for name in ("batch_size", "eval_batch_size"):
+        size = getattr(cfg.data, name)
+        if size % world_size:
+            raise ValueError(f"data.{name}={size} does not split over {world_size} ranks (-j); "
+                             f"use a multiple of {world_size}")
+    if local and not (Path(cfg.data.path) / "schema.json").is_file():
+        raise ValueError(f"data.path={cfg.data.path} is not a prepared dataset (no schema.json); run the "
+                         "prepare component first")
+
+
+def _train(config: str, overrides: list[str], j: str, image: str, cpu: int, gpu: int, memMB: int,
+           max_retries: int, max_restarts: int, local: bool) -> specs.AppDef:
+    nodes, procs = _nodes(j, local)
+    _check_training_config(config, overrides, nodes * procs, local)
+    app = dist.ddp("--config", config, *overrides, m="recsys.train", j=j, image=image, cpu=cpu, gpu=gpu,
+                   memMB=memMB, max_retries=max_retries, name="llmctr/train",
+                   env={"OMP_NUM_THREADS": str(max(1, cpu // procs))})
+    # torchrun restarts all workers when one fails (they resume from the last complete checkpoint);
+    # max_retries is the scheduler's own retry of the whole replica.
+    role = app.roles[0]
+    role.args = [role.args[0], role.args[1].replace("torchrun ", f"torchrun --max_restarts {max_restarts} ", 1)]
+    return app
+
+
+def train_local(
+    config: str,
+    *overrides: str,
+    j: str = "1x2",
+    cpu: int = 2,
+    memMB: int = 8192,
+    max_restarts: int = 0,
+) -> specs.AppDef:
+    """Train (and test) a CTR model on this machine with torchrun: sharded embeddings over gloo ranks.
+
+    Args:
+        config: experiment YAML file (recsys/configs/*.yaml, benchmarks/configs/*.yaml)
+        overrides: section.key=value overrides, e.g. train.seed=2 model.backbone=dcnv2
+        j: 1xPROCS: one node, PROCS ranks
+        cpu: CPU cores the ranks share (OMP threads per rank = cpu / PROCS)
+        memMB: memory in MB
+        max_restarts: restarts of all ranks after a failure; a restart resumes from the last checkpoint
+    """
+    return _train(config, list(overrides), j, LOCAL_IMAGE, cpu, 0, memMB, 0, max_restarts, local=True)
+
+
+def train_cluster(
+    config: str,
+    *overrides: str,
+    image: str,
+    j: str = "2x8",
+    cpu: int = 32,
+    gpu: int = 8,
+    memMB: int = 256_000,
+    max_retries: int = 2,
+    max_restarts: int = 3,
+) -> specs.AppDef:
+    """Train (and test) a CTR model on a cluster scheduler (kubernetes, slurm): NCCL on GPUs.
+
+    Args:
+        config: experiment YAML file, at this path inside the image or on a shared mount
+        overrides: section.key=value overrides, e.g. data.path=/mnt/data/ml-1m train.out_dir=/mnt/runs
+        image: container image with the project installed (kubernetes) or the job's working directory (slurm)
+        j: NODESxPROCS_PER_NODE, e.g. 2x8 for two nodes of eight GPUs
+        cpu: CPU cores per node
+        gpu: GPUs per node
+        memMB: memory per node in MB
+        max_retries: scheduler-level retries of a failed replica
+        max_restarts: torchrun restarts of all ranks after a failure (each resumes from the last checkpoint)
+    """
+    return _train(config, list(overrides), j, image, cpu, gpu, memMB, max_retries, max_restarts, local=False)
+
+
+def prepare(
+    dataset: str = "ml-100k",
+    out: str = "runs/data/ml-100k",
+    raw: str = "",
+    image: str = LOCAL_IMAGE,
+    cpu: int = 2,
+    memMB: int = 8192,
+) -> specs.AppDef:
+    """Prepare a raw dataset into train/valid/test Parquet, vocabularies and schema.json.
+
+    Args:
+        dataset: ml-100k, ml-1m, or the path of a schema file
+        out: folder for the prepared dataset
+        raw: folder with the raw files (default: the dataset's usual place)
+        image: container image (not used by local_cwd)
+        cpu: CPU cores
+        memMB: memory in MB
+    """
+    args = ["-m", "recsys.prepare", "--dataset", dataset, "--out", out, "--no-progress"]
+    args += ["--raw", raw] if raw else []
+    return specs.AppDef(name="llmctr-prepare", roles=[specs.Role(
+        name="prepare", image=image, entrypoint="python", args=args,
+        resource=specs.resource(cpu=cpu, gpu=0, memMB=memMB))])
+
+
+def embed(
+    entity: str,
+    dataset: str,
+    out: str,
+    model: str = "",
+    engine: str = "vllm",
+    replicas: int = 1,
+    image: str = LOCAL_IMAGE,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 16384,
+) -> specs.AppDef:
+    """Embed one entity's texts (field, feature, user, item) with a language model into a feature table.
+
+    Each replica writes its own shard of the table (--shard REPLICA --num-shards REPLICAS); a rerun skips
+    the parts that are already written.
+
+    Args:
+        entity: field, feature, user or item
+        dataset: prepared dataset folder
+        out: folder of the feature table
+        model: local model folder (default: the packaged MiniLM)
+        engine: vllm or transformers
+        replicas: processes (or nodes), each embedding 1/replicas of the texts
+        image: container image (not used by local_cwd)
+        cpu: CPU cores per replica
+        gpu: GPUs per replica
+        memMB: memory per replica in MB
+    """
+    if entity not in ("field", "feature", "user", "item"):
+        raise ValueError(f"--entity {entity!r}: choose field, feature, user or item")
+    if replicas < 1:
+        raise ValueError(f"--replicas {replicas}: at least 1")
+    if image == LOCAL_IMAGE and not (Path(dataset) / "schema.json").is_file():
+        raise ValueError(f"--dataset {dataset} is not a prepared dataset (no schema.json); run prepare first")
+    args = ["-m", "embedding_jobs.run", "--entity", entity, "--dataset", dataset, "--out", out,
+            "--engine", engine, "--shard", specs.macros.replica_id, "--num-shards", str(replicas)]
+    args += ["--model", model] if model else []
+    return specs.AppDef(name=f"llmctr-embed-{entity}", roles=[specs.Role(
+        name="embed", image=image, entrypoint="python", args=args, num_replicas=replicas,
+        resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB))])

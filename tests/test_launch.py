@@ -1,0 +1,172 @@
+"""TorchX components: AppDefs for each scheduler, argument checks, a real 2-rank local run, a lost rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import components
+from recsys.data.prepare import prepare
+from recsys.data.schema import load_schema
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+CONFIG = "recsys/configs/ml100k_deepfm.yaml"
+
+
+@pytest.fixture(scope="module")
+def ml100k(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "ml-100k"
+    prepare(load_schema("ml-100k"), out, progress=False)
+    return out
+
+
+def _torchx(*args: str, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
+    cmd = [f"{VENV_BIN}/torchx", *args]
+    if kw.pop("background", False):
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=kw.get("timeout", 300))
+
+
+# ----------------------------------------------------------------------------------------------
+# AppDefs
+# ----------------------------------------------------------------------------------------------
+
+
+def test_train_cluster_appdef(ml100k):
+    app = components.train_cluster(CONFIG, f"data.path={ml100k}", "train.seed=3", image="repo/llmctr:1", j="2x8",
+                                   cpu=32, gpu=8, memMB=200_000, max_retries=2, max_restarts=3)
+    (role,) = app.roles
+    assert role.image == "repo/llmctr:1" and role.num_replicas == 2 and role.max_retries == 2
+    assert (role.resource.cpu, role.resource.gpu, role.resource.memMB) == (32, 8, 200_000)
+    cmd = role.args[1]
+    assert cmd.startswith("torchrun --max_restarts 3 ")
+    assert "--nnodes 2 --nproc_per_node 8" in cmd
+    assert f"-m recsys.train --config {CONFIG} data.path={ml100k} train.seed=3" in cmd
+    assert role.env["OMP_NUM_THREADS"] == "4"
+
+
+def test_train_local_appdef_checks_the_dataset(ml100k, tmp_path):
+    app = components.train_local(CONFIG, f"data.path={ml100k}", j="1x2")
+    assert "--nproc_per_node 2" in app.roles[0].args[1] and app.roles[0].num_replicas == 1
+    with pytest.raises(ValueError, match="not a prepared dataset"):
+        components.train_local(CONFIG, f"data.path={tmp_path / 'missing'}")
+
+
+@pytest.mark.parametrize("j, message", [("2x2", "a local run has one node"), ("1x0", "at least 1"),
+                                        ("two", "expected"), ("1x3", "does not split over 3 ranks")])
+def test_impossible_j_is_refused(ml100k, j, message):
+    with pytest.raises(ValueError, match=message):
+        components.train_local(CONFIG, f"data.path={ml100k}", j=j)
+
+
+def test_bad_config_is_refused_before_launch(ml100k):
+    with pytest.raises(ValueError, match="unknown key"):
+        components.train_local(CONFIG, f"data.path={ml100k}", "train.epoch=3")
+
+
+def test_prepare_and_embed_appdefs(ml100k):
+    (role,) = components.prepare("ml-1m", "out/ml-1m", raw="/data/ml-1m").roles
+    assert role.args[:2] == ["-m", "recsys.prepare"] and ["--raw", "/data/ml-1m"] == role.args[-2:]
+    (role,) = components.embed("user", str(ml100k), "out/user", replicas=3).roles
+    assert role.num_replicas == 3
+    assert role.args[role.args.index("--shard") + 1] == "${replica_id}"
+    assert role.args[role.args.index("--num-shards") + 1] == "3"
+    with pytest.raises(ValueError, match="choose field, feature, user or item"):
+        components.embed("movie", str(ml100k), "out")
+    with pytest.raises(ValueError, match="not a prepared dataset"):
+        components.embed("user", "/nowhere", "out")
+
+
+@pytest.mark.parametrize("scheduler, expected", [("kubernetes", "kind: Job"), ("slurm", "srun")])
+def test_cluster_dryrun(ml100k, scheduler, expected):
+    proc = _torchx("run", "-s", scheduler, "--dryrun", "--workspace", "", "launch/components.py:train_cluster",
+                   "--image", "repo/llmctr:1", "--config", CONFIG, "-j", "2x8", f"data.path={ml100k}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert expected in proc.stdout and "recsys.train" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# real local runs
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_args(ml100k: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", "-s", "local_cwd", "--log", "launch/components.py:train_local", "--config", CONFIG, "-j", "1x2",
+            *extra, f"data.path={ml100k}", f"train.out_dir={out}", "name=tx", "train.progress=false",
+            "model.deepfm.hidden=[64,64]", "data.batch_size=2048", "train.patience=9"]
+
+
+@pytest.mark.distributed
+def test_two_ranks_through_torchx(ml100k, tmp_path):
+    proc = _torchx(*_run_args(ml100k, tmp_path, "--max_restarts", "0"), "train.epochs=1")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads((tmp_path / "tx" / "test_metrics.json").read_text())
+    assert result["world_size"] == 2 and result["test_auc"] > 0.6
+
+
+def _worker_pids(rank: int, run_marker: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"recsys.train" in cmd and f"RANK={rank}".encode() in env and any(run_marker.encode() in c for c in cmd):
+            pids.append(int(proc.name))
+    return pids
+
+
+def _kill_rank_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path, marker: str) -> None:
+    deadline = time.time() + 240
+    while not (run_dir / "checkpoints" / "last" / "meta.json").is_file():
+        assert proc.poll() is None and time.time() < deadline, "the job ended before its first checkpoint"
+        time.sleep(0.2)
+    pids = _worker_pids(1, marker)
+    assert pids, "rank 1 not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.distributed
+def test_lost_rank_fails_fast_then_rerun_resumes(ml100k, tmp_path):
+    args = _run_args(ml100k, tmp_path, "--max_restarts", "0") + ["train.epochs=4"]
+    proc = _torchx(*args, background=True)
+    _kill_rank_after_first_checkpoint(proc, tmp_path / "tx", str(tmp_path))
+    killed_at = time.time()
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert time.time() - killed_at < 120, "the job hung after losing a rank"
+    assert "SIGKILL" in out and "rank" in out and "1" in out, out[-3000:]
+    finished = json.loads((tmp_path / "tx" / "checkpoints" / "last" / "meta.json").read_text())["epoch"]
+    assert finished >= 0
+    # the rerun resumes: no finished epoch is trained again, none is lost
+    rerun = _torchx(*_run_args(ml100k, tmp_path, "--max_restarts", "0"), "train.epochs=4")
+    assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-3000:]
+    history = json.loads((tmp_path / "tx" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert f"resumed from {tmp_path / 'tx' / 'checkpoints' / 'last'} after epoch {finished + 1}" in \
+        rerun.stdout + rerun.stderr
+
+
+@pytest.mark.distributed
+def test_lost_rank_restarts_by_itself(ml100k, tmp_path):
+    args = _run_args(ml100k, tmp_path, "--max_restarts", "1") + ["train.epochs=3"]
+    proc = _torchx(*args, background=True)
+    _kill_rank_after_first_checkpoint(proc, tmp_path / "tx", str(tmp_path))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    history = json.loads((tmp_path / "tx" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
