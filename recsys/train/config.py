@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from recsys.methods.llactr import LLaCTRConfig
 from recsys.models.autoint import AutoIntConfig
 from recsys.models.dcnv2 import DCNv2Config
 from recsys.models.deepfm import DeepFMConfig
@@ -58,6 +59,12 @@ class ModelConfig:
 
 
 @dataclass
+class MethodConfig:
+    name: str = "none"  # none (the plain backbone) or llactr
+    llactr: LLaCTRConfig = field(default_factory=LLaCTRConfig)
+
+
+@dataclass
 class OptimConfig:
     # Embedding tables use FBGEMM's fused optimizers (applied in backward). On CPU FBGEMM offers
     # adagrad, rowwise_adagrad and sgd; adam needs a GPU.
@@ -88,6 +95,7 @@ class ExperimentConfig:
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 from recsys.data.batch import Batch
 from recsys.data.loader import ParquetBatches
 from recsys.data.schema import PreparedSchema
-from recsys.models import BACKBONES, build_backbone
+from recsys.methods.registry import build_task, check_method
+from recsys.models import BACKBONES
 from recsys.train.checkpoint import Checkpointer
 from recsys.train.config import ConfigError, ExperimentConfig
 from recsys.train.distributed import (
@@ -50,16 +51,10 @@ from recsys.train.distributed import (
 )
 from recsys.train.metrics import evaluate_predictions
 from recsys.train.plots import plot_curves
-from recsys.train.task import CTRTask
 
 log = logging.getLogger(__name__)
 
 TaskBuilder = Callable[[PreparedSchema, ExperimentConfig], nn.Module]
-
-
-def build_ctr_task(schema: PreparedSchema, cfg: ExperimentConfig) -> nn.Module:
-    m = cfg.model
-    return CTRTask(build_backbone(m.backbone, schema, m.embedding_dim, m.backbone_config()))
 
 
 def check_config(cfg: ExperimentConfig, env: DistEnv) -> None:
@@ -77,6 +72,7 @@ def check_config(cfg: ExperimentConfig, env: DistEnv) -> None:
         raise ConfigError("train.epochs and train.patience must be >= 1")
     check_optim(cfg.optim, env.device)
     check_sharding_types(cfg.train.sharding_types, env.device)
+    check_method(cfg)
 
 
 @dataclass
@@ -91,7 +87,7 @@ class RunState:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, build_task: TaskBuilder = build_ctr_task) -> None:
+    def __init__(self, cfg: ExperimentConfig, build_task: TaskBuilder = build_task) -> None:
         self.cfg = cfg
         self.env = init_distributed()
         cores = os.cpu_count() or 1

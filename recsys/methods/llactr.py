@@ -1,0 +1,108 @@
+"""LLaCTR: field-level language-model knowledge that enhances any backbone (Zhang et al., 2025).
+
+The K field names, embedded once by a language model fine-tuned on field/feature pairs
+(``embedding_jobs``: entity ``field``), are a fixed ``[K, d]`` tensor. Two enhancements use it, written
+once for every backbone through the CTR contract (``CTROutput.field_embeddings``):
+
+- **FRE** (representation enhancement): each field embedding ``f_k`` is projected to the CTR embedding size
+  ``D``, and every feature embedding ``e_k`` of that field is pulled towards it by
+  ``KL(softmax(W f_k) || softmax(e_k))`` over the D dimensions, weighted by ``lambda_loss``.
+- **FIE** (interaction enhancement): the cosine similarities of field pairs (upper triangle) pass through a
+  learnable linear adaptor into one weight per pair, ``w = A s + b``; the logit gains
+  ``lambda_llm * sum_{i<j} w_ij <e_i, e_j>``, a real pairwise term of the input.
+
+No language model runs at training or serving time: the online cost is O(K^2 D) arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recsys.data.batch import Batch
+from recsys.models.base import Backbone
+from recsys.train.task import TaskOutput, weighted_bce
+
+
+@dataclass
+class LLaCTRConfig:
+    field_table: str = ""  # feature table of the K field names (python -m embedding_jobs.run --entity field)
+    fre: bool = True  # representation enhancement (KL regulariser)
+    fie: bool = True  # interaction enhancement (similarity-weighted pairwise term)
+    lambda_loss: float = 0.01  # weight of the FRE loss
+    lambda_llm: float = 1.0  # weight of the FIE term in the logit
+
+
+def field_kl(field_proj: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """Mean over rows and fields of KL(softmax(field_proj[k]) || softmax(emb[b, k])), over the last dim.
+
+    ``field_proj``: [K, D]; ``emb``: [B, K, D]. Returns a per-row vector [B] (mean over fields).
+    """
+    log_p = F.log_softmax(field_proj, dim=-1).unsqueeze(0)  # [1, K, D]
+    log_q = F.log_softmax(emb, dim=-1)  # [B, K, D]
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)
+
+
+class FieldInteraction(nn.Module):
+    """FIE: ``sum_{i<j} w_ij <e_i, e_j>`` with ``w = adaptor(cosine similarities of the field embeddings)``."""
+
+    def __init__(self, field_emb: torch.Tensor) -> None:
+        super().__init__()
+        k = field_emb.shape[0]
+        i, j = torch.triu_indices(k, k, offset=1)
+        unit = F.normalize(field_emb.float(), dim=-1)
+        self.register_buffer("similarity", (unit[i] * unit[j]).sum(-1))  # [P] fixed
+        self.register_buffer("left", i)
+        self.register_buffer("right", j)
+        self.adaptor = nn.Linear(len(i), len(i))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # start as the identity, so the first weights are the similarities themselves
+        nn.init.eye_(self.adaptor.weight)
+        nn.init.zeros_(self.adaptor.bias)
+
+    def pair_weights(self) -> torch.Tensor:
+        return self.adaptor(self.similarity)
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:  # emb: [B, K, D] -> [B]
+        dots = (emb.index_select(1, self.left) * emb.index_select(1, self.right)).sum(-1)  # [B, P]
+        return dots @ self.pair_weights()
+
+
+class LLaCTRTask(nn.Module):
+    """A backbone plus FRE and FIE; the loss is BCE + lambda_loss * FRE.
+
+    Example::
+
+        field_emb = load_feature_table(path, expect_fingerprint=schema.fingerprint, expect_entity="field").embeddings
+        task = LLaCTRTask(build_backbone("dcnv2", schema, 16), field_emb, LLaCTRConfig())
+        loss, (_, logits, labels, weights) = task(batch)
+    """
+
+    def __init__(self, model: Backbone, field_emb: torch.Tensor, cfg: LLaCTRConfig) -> None:
+        super().__init__()
+        k = model.sparse_arch.num_fields
+        if field_emb.shape[0] != k:
+            raise ValueError(f"the field table has {field_emb.shape[0]} rows but the dataset has {k} fields "
+                             f"({model.sparse_arch.field_names}): was it made for another dataset?")
+        self.model, self.cfg, self.num_fields = model, cfg, k
+        # Built on the real device (not meta): DistributedModelParallel would zero a meta buffer.
+        self.register_buffer("field_emb", field_emb.float().clone())
+        self.projection = nn.Linear(field_emb.shape[1], model.embedding_dim) if cfg.fre else None
+        self.interaction = FieldInteraction(field_emb) if cfg.fie else None
+
+    def forward(self, batch: Batch) -> TaskOutput:
+        out = self.model(batch)
+        emb = out.field_embeddings[:, : self.num_fields]
+        logit = out.logit
+        if self.interaction is not None:
+            logit = logit + self.cfg.lambda_llm * self.interaction(emb)
+        loss = weighted_bce(logit, batch)
+        if self.projection is not None:
+            kl = field_kl(self.projection(self.field_emb), emb)
+            loss = loss + self.cfg.lambda_loss * (kl * batch.weights).sum() / batch.weights.sum().clamp(min=1.0)
+        return loss, (loss.detach(), logit.detach(), batch.labels, batch.weights)
