@@ -22,9 +22,9 @@ from benchmarks.common import REPO, RESULTS, environment, fmt, mean_std, python,
 BACKBONES = ["fm", "deepfm", "dcnv2", "autoint", "finalmlp", "wukong"]
 
 
-def run_one(dataset: str, backbone: str, seed: int, extra: list[str]) -> dict:
+def run_one(dataset: str, backbone: str, seed: int, extra: list[str], variant: str = "base") -> dict:
     tag = dataset.replace("-", "")
-    name = f"{tag}_{backbone}_s{seed}"
+    name = f"{tag}_{backbone}_s{seed}" if variant == "base" else f"{tag}_{backbone}_{variant}_s{seed}"
     out = REPO / "runs" / "bench" / name
     if (out / "test_metrics.json").is_file():
         return json.loads((out / "test_metrics.json").read_text())
@@ -57,7 +57,8 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_ylim(lo, max(means) + 0.01)
     for i, m in enumerate(means):
         ax.text(i, m + 0.001, f"{m:.4f}", ha="center", va="bottom", fontsize=8)
-    ax.set(title=f"test AUC on {summary['dataset']} ({len(summary['seeds'])} seeds, mean ± std)", ylabel="AUC")
+    ax.set(title=f"test AUC on {summary['dataset']}, {summary['variant']} ({len(summary['seeds'])} seeds, mean ± std)",
+           ylabel="AUC")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -68,26 +69,28 @@ def main() -> int:
     p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], required=True)
     p.add_argument("--backbones", nargs="+", default=BACKBONES, choices=BACKBONES)
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--variant", default="base",
+                   help="a name for what the overrides change (e.g. llactr); results go to quality_<dataset>_<variant>")
     p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
     args = p.parse_args()
     data = REPO / "runs" / "data" / args.dataset
     if not (data / "schema.json").is_file():
         subprocess.run([python(), "-m", "recsys.prepare", "--dataset", args.dataset, "--out", str(data),
                         "--no-progress"], cwd=REPO, check=True)
-    summary = {"dataset": args.dataset, "seeds": args.seeds, "config": f"benchmarks/configs/"
+    summary = {"dataset": args.dataset, "variant": args.variant, "seeds": args.seeds, "config": f"benchmarks/configs/"
                f"{args.dataset.replace('-', '')}.yaml", "overrides": args.overrides,
                "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:]),
                "environment": environment(), "backbones": {}}
     for backbone in args.backbones:
-        runs = [run_one(args.dataset, backbone, s, args.overrides) for s in args.seeds]
+        runs = [run_one(args.dataset, backbone, s, args.overrides, args.variant) for s in args.seeds]
         summary["backbones"][backbone] = {k: [r[k] for r in runs] for k in
                                           ("test_auc", "test_logloss", "valid_auc", "best_epoch",
                                            "train_samples_per_s")}
         print(f"{backbone:<9} test AUC {fmt([r['test_auc'] for r in runs])}  "
               f"logloss {fmt([r['test_logloss'] for r in runs])}", flush=True)
-    stem = RESULTS / f"quality_{args.dataset}"
+    stem = RESULTS / (f"quality_{args.dataset}" + ("" if args.variant == "base" else f"_{args.variant}"))
     write_json(stem.with_suffix(".json"), summary)
-    lines = [f"# Quality on {args.dataset}", "",
+    lines = [f"# Quality on {args.dataset}" + ("" if args.variant == "base" else f": {args.variant}"), "",
              f"Command: `{summary['command']}` (config `{summary['config']}`), seeds {args.seeds}.", "",
              "| backbone | test AUC | test logloss | valid AUC | best epochs | train samples/s |",
              "|---|---|---|---|---|---|"]
