@@ -181,3 +181,38 @@ def embed(
     return specs.AppDef(name=f"llmctr-embed-{entity}", roles=[specs.Role(
         name="embed", image=image, entrypoint="python", args=args, num_replicas=replicas,
         resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB))])
+
+
+def finetune_fields(
+    dataset: str,
+    out: str,
+    model: str = "",
+    epochs: int = 3,
+    time_budget_s: int = 0,
+    image: str = LOCAL_IMAGE,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 16384,
+) -> specs.AppDef:
+    """LLaCTR's field fine-tuning: teach the language model which field a feature value belongs to.
+
+    Args:
+        dataset: prepared dataset folder
+        out: folder for the fine-tuned, merged model
+        model: local model folder (default: the packaged MiniLM)
+        epochs: passes over the value->field pairs
+        time_budget_s: stop training after this many seconds (0: no limit)
+        image: container image (not used by local_cwd)
+        cpu: CPU cores
+        gpu: GPUs
+        memMB: memory in MB
+    """
+    if image == LOCAL_IMAGE and not (Path(dataset) / "schema.json").is_file():
+        raise ValueError(f"--dataset {dataset} is not a prepared dataset (no schema.json); run prepare first")
+    args = ["-m", "embedding_jobs.field_finetune", "--dataset", dataset, "--out", out, "--epochs", str(epochs),
+            "--no-progress"]
+    args += ["--model", model] if model else []
+    args += ["--time-budget-s", str(time_budget_s)] if time_budget_s else []
+    return specs.AppDef(name="llmctr-finetune-fields", roles=[specs.Role(
+        name="finetune", image=image, entrypoint="python", args=args,
+        resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB))])

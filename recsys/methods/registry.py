@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from recsys.data.schema import PreparedSchema
@@ -50,8 +51,9 @@ def check_method(cfg: ExperimentConfig) -> None:
                           "with `python -m embedding_jobs.run --entity field ...`")
 
 
-def build_task(schema: PreparedSchema, cfg: ExperimentConfig) -> nn.Module:
-    """The training module for ``cfg``: backbone (EBCs on the meta device) wrapped by its method."""
+def build_task(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.device | None = None) -> nn.Module:
+    """The training module for ``cfg``: backbone wrapped by its method. ``device=None`` builds the backbone on
+    the meta device, for DistributedModelParallel to materialise and shard."""
     m = cfg.model
-    backbone = build_backbone(m.backbone, schema, m.embedding_dim, m.backbone_config())
+    backbone = build_backbone(m.backbone, schema, m.embedding_dim, m.backbone_config(), device=device)
     return METHODS[cfg.method.name](backbone, schema, cfg)

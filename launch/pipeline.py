@@ -1,0 +1,109 @@
+"""Run the whole pipeline through TorchX, one component after another.
+
+    python -m launch.pipeline                                    # this machine (local_cwd), ML-100K
+    python -m launch.pipeline --scheduler kubernetes --dryrun --image REPO/llmctr:0.1 --root /mnt/llmctr
+
+Steps: prepare the dataset; fine-tune the language model on field/feature pairs (LLaCTR, within a time
+budget); embed the fields with it, and the users and items with the packaged model (``--replicas``
+processes each); train the base model; train the same backbone with LLaCTR's field knowledge; print the
+two side by side. Each step is a TorchX AppDef (``launch/components.py``); a step that fails stops the
+pipeline with its logs' location. Steps are idempotent: a rerun skips finished embedding parts and resumes
+training from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from torchx import specs
+from torchx.runner import get_runner
+
+from launch import components
+
+
+def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], specs.AppDef]]]:
+    """The pipeline's steps; each AppDef is built just before it runs, once its inputs exist."""
+    root = Path(args.root)
+    data, features, runs = root / "data" / args.dataset, root / "features" / args.dataset, root / "runs"
+    common = [f"data.path={data}", f"train.out_dir={runs}", f"model.backbone={args.backbone}"]
+    local = args.scheduler == "local_cwd"
+    image = {} if local else {"image": args.image}
+    train = components.train_local if local else components.train_cluster
+    size = {"j": f"1x{args.nproc}"} if local else {"j": args.j, **image}
+    name = run_name(args)
+    out: list[tuple[str, Callable[[], specs.AppDef]]] = [
+        ("prepare", lambda: components.prepare(args.dataset, str(data), **image))]
+    fields_model = root / "models" / f"{args.dataset}-fields"
+    out.append(("fine-tune fields", lambda: components.finetune_fields(
+        str(data), str(fields_model), time_budget_s=args.finetune_budget_s, **image)))
+    out.append(("embed field", lambda: components.embed("field", str(data), str(features), model=str(fields_model),
+                                                        engine=args.engine, **image)))
+    for entity in ("user", "item"):
+        out.append((f"embed {entity}", lambda e=entity: components.embed(
+            e, str(data), str(features), engine=args.engine, replicas=args.replicas, **image)))
+    out.append(("train base", lambda: train(args.config, *common, f"name={name}_base", **size)))
+    out.append(("train llactr", lambda: train(args.config, *common, f"name={name}_llactr", "method.name=llactr",
+                                              f"method.llactr.field_table={features / 'field'}", **size)))
+    return out
+
+
+def run_name(args: argparse.Namespace) -> str:
+    return f"{args.dataset.replace('-', '')}_{args.backbone}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m launch.pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scheduler", default="local_cwd", help="local_cwd, kubernetes, slurm, ...")
+    p.add_argument("--dataset", default="ml-100k")
+    p.add_argument("--backbone", default="deepfm")
+    p.add_argument("--config", default="recsys/configs/ml100k_deepfm.yaml")
+    p.add_argument("--root", default="runs/pipeline", help="folder for data, feature tables and runs")
+    p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
+    p.add_argument("--replicas", type=int, default=1, help="embedding processes per entity")
+    p.add_argument("--finetune-budget-s", type=int, default=180, help="time budget of the field fine-tuning")
+    p.add_argument("--nproc", type=int, default=2, help="training ranks on this machine")
+    p.add_argument("--j", default="2x8", help="training NODESxPROCS on a cluster")
+    p.add_argument("--image", default="", help="container image (cluster schedulers)")
+    p.add_argument("--dryrun", action="store_true", help="print each step's scheduler request, run nothing")
+    args = p.parse_args(argv)
+    if args.scheduler != "local_cwd" and not args.image:
+        p.error("--image is required for a cluster scheduler")
+    runner = get_runner()
+    cfg = {"log_dir": str(Path(args.root) / "torchx")} if args.scheduler == "local_cwd" else {}
+    for title, build in steps(args):
+        if args.dryrun:
+            try:
+                app = build()
+            except ValueError as e:  # a later step's inputs do not exist before the earlier steps ran
+                print(f"=== {title} === (not built in a dry run: {e})")
+                continue
+            print(f"=== {title} ===\n{runner.dryrun(app, args.scheduler, cfg=cfg)}")
+            continue
+        print(f"=== {title} ===", flush=True)
+        app = build()
+        handle = runner.run(app, args.scheduler, cfg=cfg)
+        for line in runner.log_lines(handle, app.roles[0].name, k=0, should_tail=True):
+            print(line, end="" if line.endswith("\n") else "\n", flush=True)
+        status = runner.wait(handle, wait_interval=1)
+        if status is None or status.state != specs.AppState.SUCCEEDED:
+            print(f"step '{title}' failed ({status.state if status else 'unknown'}); logs: {handle}",
+                  file=sys.stderr)
+            return 1
+    if not args.dryrun:
+        runs = Path(args.root) / "runs"
+        name = run_name(args)
+        print(f"\n{'model':<22} {'valid AUC':>9} {'test AUC':>9} {'test logloss':>12}")
+        for variant in ("base", "llactr"):
+            r = json.loads((runs / f"{name}_{variant}" / "test_metrics.json").read_text())
+            print(f"{args.backbone + ' ' + variant:<22} {r['valid_auc']:>9.4f} {r['test_auc']:>9.4f} "
+                  f"{r['test_logloss']:>12.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""LLaCTR's enhancements: the KL term by hand, FIE as a real pairwise term, and training with a field table."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from recsys.data.prepare import prepare
+from recsys.data.schema import PreparedSchema, load_schema
+from recsys.features.table import FeatureEntity, FeatureTableMetadata
+from recsys.methods.llactr import FieldInteraction, field_kl
+
+
+def test_field_kl_matches_a_hand_computed_case():
+    field_proj = torch.tensor([[0.0, math.log(3.0)]])  # softmax -> [0.25, 0.75]
+    emb = torch.tensor([[[0.0, 0.0]]])  # softmax -> [0.5, 0.5]
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert field_kl(field_proj, emb).item() == pytest.approx(expected, abs=1e-6)
+    assert field_kl(field_proj, field_proj.unsqueeze(0)).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_fie_is_a_pairwise_term_that_changes_with_the_input():
+    field_emb = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    fie = FieldInteraction(field_emb)
+    s = 1 / math.sqrt(2)
+    assert torch.allclose(fie.similarity, torch.tensor([s, 0.0, s]))  # pairs (0,1), (0,2), (1,2)
+    e = torch.randn(4, 3, 5)
+    expected = s * (e[:, 0] * e[:, 1]).sum(-1) + s * (e[:, 1] * e[:, 2]).sum(-1)  # identity adaptor at start
+    assert torch.allclose(fie(e), expected, atol=1e-6)
+    assert not torch.allclose(fie(e), fie(torch.randn(4, 3, 5)))
+
+
+@pytest.fixture(scope="module")
+def ml100k_with_field_table(tmp_path_factory) -> tuple[Path, Path]:
+    from embedding_jobs.table_writer import write_table_file
+
+    root = tmp_path_factory.mktemp("llactr")
+    data = root / "ml-100k"
+    prepare(load_schema("ml-100k"), data, progress=False)
+    schema = PreparedSchema.load(data)
+    k, dim = len(schema.fields), 8
+    vectors = np.random.default_rng(0).standard_normal((k, dim)).astype(np.float32)
+    meta = FeatureTableMetadata(
+        entity=FeatureEntity.FIELD, table="field", num_rows=k, dim=dim, model_name="test-fields",
+        weights_hash="0" * 64, engine="transformers", pooling="mean", normalize=False, max_length=32,
+        dtype="float32", template_version=1, template_hash="t", dataset_name=schema.name,
+        dataset_fingerprint=schema.fingerprint, created_at=datetime.now(UTC).isoformat())
+    table = root / "fields.parquet"
+    write_table_file(table, np.arange(k, dtype=np.int64), vectors, meta)
+    return data, table
+
+
+def _cfg(data: Path, out: Path, *overrides: str):
+    from recsys.train.config import load_config
+
+    return load_config(None, [f"data.path={data}", f"train.out_dir={out}", "name=l", "data.batch_size=2048",
+                              "model.deepfm.hidden=[64,64]", "train.progress=false", "train.epochs=1",
+                              "train.max_steps_per_epoch=10", *overrides])
+
+
+@pytest.mark.parametrize("backbone", ["deepfm", "dcnv2"])
+def test_llactr_trains_on_any_backbone_with_one_config_change(ml100k_with_field_table, tmp_path, backbone):
+    from recsys.train.trainer import Trainer
+
+    data, table = ml100k_with_field_table
+    trainer = Trainer(_cfg(data, tmp_path, f"model.backbone={backbone}", "method.name=llactr",
+                           f"method.llactr.field_table={table}"))
+    result = trainer.fit()
+    assert 0.6 < result["test_auc"] < 1.0
+    names = {n for n, _ in trainer.model.named_parameters()}
+    assert any("interaction.adaptor" in n for n in names) and any("projection" in n for n in names)
+
+
+def test_field_table_of_another_dataset_is_refused(ml100k_with_field_table, tmp_path):
+    from recsys.features.table import FeatureTableError
+    from recsys.methods.registry import build_task
+
+    data, table = ml100k_with_field_table
+    schema = PreparedSchema.load(data)
+    other = PreparedSchema(**{**schema.__dict__, "fingerprint": "another"})
+    with pytest.raises(FeatureTableError, match="fingerprint"):
+        build_task(other, _cfg(data, tmp_path, "method.name=llactr", f"method.llactr.field_table={table}"))
+
+
+def test_missing_field_table_fails_before_training(ml100k_with_field_table, tmp_path):
+    from recsys.train.config import ConfigError
+    from recsys.train.trainer import Trainer
+
+    data, _ = ml100k_with_field_table
+    with pytest.raises(ConfigError, match="embedding_jobs.run --entity field"):
+        Trainer(_cfg(data, tmp_path, "method.name=llactr", f"method.llactr.field_table={tmp_path / 'none'}"))
