@@ -17,8 +17,8 @@ class PlainDeepFM(nn.Module):
         self.keys = [f.name for f in schema.sparse_fields]
         tables = {f.table: f.vocab_size for f in schema.sparse_fields}
         self.table_of = {f.name: f.table for f in schema.sparse_fields}
-        self.emb = nn.ModuleDict({t: nn.EmbeddingBag(n, dim, mode="mean") for t, n in tables.items()})
-        self.lin = nn.ModuleDict({t: nn.EmbeddingBag(n, 1, mode="mean") for t, n in tables.items()})
+        self.emb = nn.ModuleDict({t: nn.EmbeddingBag(n, dim, mode="mean", include_last_offset=True) for t, n in tables.items()})
+        self.lin = nn.ModuleDict({t: nn.EmbeddingBag(n, 1, mode="mean", include_last_offset=True) for t, n in tables.items()})
         layers, d = [], dim * len(self.keys)
         for h in hidden:
             layers += [nn.Linear(d, h), nn.ReLU()]

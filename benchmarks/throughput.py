@@ -5,8 +5,9 @@
 
 Both models see the same ``Batch`` stream (``recsys.data.loader``), so the comparison is the model and
 optimizer step alone. The two are timed in alternating rounds in one process and compared as a ratio of
-medians, because these machines are shared and noisy. The 2-rank figure runs the real trainer under
-torchrun (gloo) and is compared with the 1-rank trainer run in the same invocation. The roofline: the
+medians, because these machines are shared and noisy. The 2-rank figure runs the real trainer through
+TorchX (``launch/components.py:train_local``, gloo) and is compared with a 1-rank TorchX run in the same
+invocation. The roofline: the
 dense part's fp32 FLOPs per sample against the matmul rate measured here, in the same run.
 Results: benchmarks/results/throughput.{json,md}.
 """
@@ -81,18 +82,20 @@ def deepfm_flops_per_sample(num_fields: int, dim: int = 16, hidden: tuple[int, .
 
 
 def two_ranks(config: str, data: Path, steps: int) -> dict:
-    """samples/s of the real trainer for 1 and 2 gloo ranks over the same steps (global batch fixed)."""
+    """samples/s of the real trainer for 1 and 2 gloo ranks, launched through TorchX (local_cwd), over the
+    same steps (the global batch is fixed, so each rank takes half of it)."""
     out = {}
+    bin_dir = str(Path(python()).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     for ranks in (1, 2):
         tmp = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
-        cmd = [python(), "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "recsys.train", "--config", config, f"data.path={data}", f"train.out_dir={tmp}", "name=r",
-               "train.epochs=1", f"train.max_steps_per_epoch={steps}", "train.progress=false"]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // ranks))}
+        cmd = [f"{bin_dir}/torchx", "run", "-s", "local_cwd", "launch/components.py:train_local", "--config", config,
+               "-j", f"1x{ranks}", f"data.path={data}", f"train.out_dir={tmp}", "name=r", "train.epochs=1",
+               f"train.max_steps_per_epoch={steps}", "train.progress=false"]
         t = time.perf_counter()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(proc.stderr[-3000:])
+        if proc.returncode != 0 or not (tmp / "r" / "test_metrics.json").is_file():
+            raise RuntimeError((proc.stdout + proc.stderr)[-3000:])
         metrics = json.loads((tmp / "r" / "metrics.json").read_text())["history"][0]
         result = json.loads((tmp / "r" / "test_metrics.json").read_text())
         out[f"{ranks}_rank"] = {"train_samples_per_s": metrics["train_samples_per_s"],
@@ -159,7 +162,7 @@ def main() -> int:
              f"TorchRec reaches {tr / bound:.0%} of that bound.", ""]
     if "ranks" in result:
         rk = result["ranks"]
-        lines += ["| ranks (torchrun, gloo, same global batch) | samples/s | peak RSS rank 0 (MB) |", "|---|---|---|",
+        lines += ["| ranks (TorchX local_cwd, gloo, same global batch) | samples/s | peak RSS rank 0 (MB) |", "|---|---|---|",
                   f"| 1 | {rk['1_rank']['train_samples_per_s']:,.0f} | {rk['1_rank']['peak_rss_mb_rank0']:,.0f} |",
                   f"| 2 | {rk['2_rank']['train_samples_per_s']:,.0f} | {rk['2_rank']['peak_rss_mb_rank0']:,.0f} |",
                   "", f"2 ranks / 1 rank: **{rk['speedup_2_over_1']:.2f}x** on {os.cpu_count()} cores: two ranks "

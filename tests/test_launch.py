@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch import components
 from recsys.data.prepare import prepare
@@ -170,3 +171,24 @@ def test_lost_rank_restarts_by_itself(ml100k, tmp_path):
     assert proc.returncode == 0, out[-3000:]
     history = json.loads((tmp_path / "tx" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
+
+
+@pytest.mark.distributed
+def test_embed_with_two_replicas_equals_one_process(ml100k, tmp_path):
+    from embedding_jobs.tiny_models import save_tiny_encoder
+    from recsys.data.schema import PreparedSchema
+    from recsys.features import load_feature_table
+
+    model = save_tiny_encoder(tmp_path / "tiny-bert")
+    tables = {}
+    for replicas in (1, 2):
+        out = tmp_path / f"r{replicas}"
+        proc = _torchx("run", "-s", "local_cwd", "launch/components.py:embed", "--entity", "item", "--dataset",
+                       str(ml100k), "--out", str(out), "--model", str(model), "--engine", "transformers",
+                       "--replicas", str(replicas))
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        schema = PreparedSchema.load(ml100k)
+        tables[replicas] = load_feature_table(out / "item", expect_fingerprint=schema.fingerprint,
+                                              expect_entity="item", num_rows=schema.field("item_id").vocab_size)
+    assert len(list((tmp_path / "r2" / "item" / "parts").glob("part-*.parquet"))) >= 2
+    assert torch.equal(tables[1].embeddings, tables[2].embeddings)
