@@ -25,8 +25,10 @@ from torchx.runner import get_runner
 from launch import components
 
 
-def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], specs.AppDef]]]:
-    """The pipeline's steps; each AppDef is built just before it runs, once its inputs exist."""
+def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], specs.AppDef | None]]]:
+    """The pipeline's steps; each AppDef is built just before it runs, once its inputs exist. A step whose
+    output is already complete builds None and is skipped (a fine-tuned model is not trained again: its
+    feature tables were made with exactly those weights)."""
     root = Path(args.root)
     data, features, runs = root / "data" / args.dataset, root / "features" / args.dataset, root / "runs"
     common = [f"data.path={data}", f"train.out_dir={runs}", f"model.backbone={args.backbone}"]
@@ -35,11 +37,12 @@ def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], specs.AppDef
     train = components.train_local if local else components.train_cluster
     size = {"j": f"1x{args.nproc}"} if local else {"j": args.j, **image}
     name = run_name(args)
-    out: list[tuple[str, Callable[[], specs.AppDef]]] = [
+    out: list[tuple[str, Callable[[], specs.AppDef | None]]] = [
         ("prepare", lambda: components.prepare(args.dataset, str(data), **image))]
     fields_model = root / "models" / f"{args.dataset}-fields"
-    out.append(("fine-tune fields", lambda: components.finetune_fields(
-        str(data), str(fields_model), time_budget_s=args.finetune_budget_s, **image)))
+    out.append(("fine-tune fields", lambda: None if (fields_model / "report.json").is_file() else
+                components.finetune_fields(str(data), str(fields_model), time_budget_s=args.finetune_budget_s,
+                                           **image)))
     out.append(("embed field", lambda: components.embed("field", str(data), str(features), model=str(fields_model),
                                                         engine=args.engine, **image)))
     for entity in ("user", "item"):
@@ -82,10 +85,16 @@ def main(argv: list[str] | None = None) -> int:
             except ValueError as e:  # a later step's inputs do not exist before the earlier steps ran
                 print(f"=== {title} === (not built in a dry run: {e})")
                 continue
+            if app is None:
+                print(f"=== {title} === (already done, skipped)")
+                continue
             print(f"=== {title} ===\n{runner.dryrun(app, args.scheduler, cfg=cfg)}")
             continue
-        print(f"=== {title} ===", flush=True)
         app = build()
+        if app is None:
+            print(f"=== {title} === (already done, skipped)", flush=True)
+            continue
+        print(f"=== {title} ===", flush=True)
         handle = runner.run(app, args.scheduler, cfg=cfg)
         for line in runner.log_lines(handle, app.roles[0].name, k=0, should_tail=True):
             print(line, end="" if line.endswith("\n") else "\n", flush=True)

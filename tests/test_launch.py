@@ -192,3 +192,14 @@ def test_embed_with_two_replicas_equals_one_process(ml100k, tmp_path):
                                               expect_entity="item", num_rows=schema.field("item_id").vocab_size)
     assert len(list((tmp_path / "r2" / "item" / "parts").glob("part-*.parquet"))) >= 2
     assert torch.equal(tables[1].embeddings, tables[2].embeddings)
+
+
+def test_pipeline_dryrun_on_a_cluster_lists_every_step(tmp_path, capsys):
+    from launch.pipeline import main
+
+    assert main(["--scheduler", "slurm", "--image", "/shared/llmctr", "--root", str(tmp_path), "--dryrun"]) == 0
+    out = capsys.readouterr().out
+    titles = [line for line in out.splitlines() if line.startswith("=== ")]
+    assert [t.split(" ===")[0][4:] for t in titles] == ["prepare", "fine-tune fields", "embed field", "embed user",
+                                                        "embed item", "train base", "train llactr"]
+    assert out.count("srun") >= 7 and "embedding_jobs.field_finetune" in out and "method.name=llactr" in out
