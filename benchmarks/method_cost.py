@@ -4,8 +4,8 @@
         method.llactr.field_table=runs/features/ml-1m/field
 
 Training: the real trainer (sharded, fused optimizers, pipeline) for the base and the variant, timed in
-alternating rounds of the same batches; serving: the unsharded model's forward in eval mode for batches of
-1 and 4096 rows, alternating, median of many calls. Ratios are variant / base (lower is cheaper).
+alternating rounds of the same batches; serving: the unsharded model's scoring path (``task.score``: the
+logit, no loss) in eval mode for batches of 1 and 4096 rows, median of many calls. Ratios are variant / base (lower is cheaper).
 Results: benchmarks/results/cost_<dataset>_<variant>.{json,md}.
 """
 
@@ -36,11 +36,11 @@ def _time_steps(trainer, batches: list) -> float:
 def _latency(task, batch, reps: int) -> float:
     task.eval()
     for _ in range(3):
-        task(batch)
+        task.score(batch)
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        task(batch)
+        task.score(batch)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -33,6 +33,13 @@ def test_fie_is_a_pairwise_term_that_changes_with_the_input():
     expected = s * (e[:, 0] * e[:, 1]).sum(-1) + s * (e[:, 1] * e[:, 2]).sum(-1)  # identity adaptor at start
     assert torch.allclose(fie(e), expected, atol=1e-6)
     assert not torch.allclose(fie(e), fie(torch.randn(4, 3, 5)))
+    fie.eval()  # serving caches the pair matrix; it must give the same term, and be rebuilt after training
+    assert torch.allclose(fie(e), expected, atol=1e-6)
+    with torch.no_grad():
+        fie.adaptor.bias.fill_(1.0)
+    fie.train()
+    fie.eval()
+    assert not torch.allclose(fie(e), expected, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ class FieldInteraction(nn.Module):
         self.register_buffer("left", i)
         self.register_buffer("right", j)
         self.adaptor = nn.Linear(len(i), len(i))
+        self._serving_matrix: torch.Tensor | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -69,8 +70,24 @@ class FieldInteraction(nn.Module):
         return self.adaptor(self.similarity)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:  # emb: [B, K, D] -> [B]
-        dots = (emb.index_select(1, self.left) * emb.index_select(1, self.right)).sum(-1)  # [B, P]
-        return dots @ self.pair_weights()
+        # sum_{i<j} w_ij <e_i, e_j> = 1/2 sum_k <e_k, (W e)_k> with W symmetric, zero diagonal: a K x K
+        # matrix product instead of materialising all K(K-1)/2 pair products per row.
+        return 0.5 * (emb * torch.matmul(self.pair_matrix(emb.shape[1]), emb)).sum(dim=(1, 2))
+
+    def pair_matrix(self, k: int) -> torch.Tensor:
+        """W: the pair weights as a symmetric K x K matrix; computed once while serving (eval mode)."""
+        if not self.training and self._serving_matrix is not None:
+            return self._serving_matrix
+        w = self.pair_weights()
+        upper = torch.zeros(k, k, dtype=w.dtype, device=w.device).index_put((self.left, self.right), w)
+        sym = upper + upper.T
+        if not self.training:
+            self._serving_matrix = sym.detach()
+        return sym
+
+    def train(self, mode: bool = True) -> FieldInteraction:
+        self._serving_matrix = None  # weights may change (training, a loaded checkpoint): recompute
+        return super().train(mode)
 
 
 class LLaCTRTask(nn.Module):
@@ -95,12 +112,20 @@ class LLaCTRTask(nn.Module):
         self.projection = nn.Linear(field_emb.shape[1], model.embedding_dim) if cfg.fre else None
         self.interaction = FieldInteraction(field_emb) if cfg.fie else None
 
-    def forward(self, batch: Batch) -> TaskOutput:
+    def _logit(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(batch)
         emb = out.field_embeddings[:, : self.num_fields]
         logit = out.logit
         if self.interaction is not None:
             logit = logit + self.cfg.lambda_llm * self.interaction(emb)
+        return logit, emb
+
+    def score(self, batch: Batch) -> torch.Tensor:
+        """The served logit: the backbone's plus FIE (FRE only shapes training)."""
+        return self._logit(batch)[0]
+
+    def forward(self, batch: Batch) -> TaskOutput:
+        logit, emb = self._logit(batch)
         loss = weighted_bce(logit, batch)
         if self.projection is not None:
             kl = field_kl(self.projection(self.field_emb), emb)

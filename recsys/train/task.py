@@ -35,6 +35,10 @@ class CTRTask(nn.Module):
         super().__init__()
         self.model = model
 
+    def score(self, batch: Batch) -> torch.Tensor:
+        """The served logit."""
+        return self.model(batch).logit
+
     def forward(self, batch: Batch) -> TaskOutput:
         logits = self.model(batch).logit
         loss = weighted_bce(logits, batch)
