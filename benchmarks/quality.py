@@ -98,6 +98,9 @@ def main() -> int:
         lines.append(f"| {b} | {fmt(r['test_auc'])} | {fmt(r['test_logloss'])} | {fmt(r['valid_auc'])} | "
                      f"{r['best_epoch']} | {mean_std(r['train_samples_per_s'])[0]:,.0f} |")
     env = summary["environment"]
+    lines += ["", "Train samples/s here are as measured while other jobs may have shared the machine: compare "
+              "speed only in throughput.md, where both sides run in the same process. A best epoch equal to "
+              "train.epochs means the model was still improving when training stopped."]
     lines += ["", f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}, "
               + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + f"; commit {env['commit']}, "
               f"{env['date']}.", ""]
