@@ -164,11 +164,14 @@ def test_lost_rank_fails_fast_then_rerun_resumes(ml100k, tmp_path):
 
 @pytest.mark.distributed
 def test_lost_rank_restarts_by_itself(ml100k, tmp_path):
-    args = _run_args(ml100k, tmp_path, "--max_restarts", "1") + ["train.epochs=3"]
+    # More than one restart allowed: on a loaded machine torch elastic's first re-rendezvous after a SIGKILL
+    # can itself fail to connect the gloo mesh; the job must still recover on its own.
+    args = _run_args(ml100k, tmp_path, "--max_restarts", "3") + ["train.epochs=3"]
     proc = _torchx(*args, background=True)
     _kill_rank_after_first_checkpoint(proc, tmp_path / "tx", str(tmp_path))
-    out, _ = proc.communicate(timeout=300)
+    out, _ = proc.communicate(timeout=400)
     assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out  # the restarted ranks continued from the checkpoint
     history = json.loads((tmp_path / "tx" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
 
