@@ -36,6 +36,20 @@ def _nodes(j: str, local: bool) -> tuple[int, int]:
     return nodes, procs
 
 
+def _require_prepared(dataset: str, image: str) -> None:
+    """Locally the dataset must exist before the job starts; on a cluster it lives on the cluster's storage."""
+    if image == LOCAL_IMAGE and not (Path(dataset) / "schema.json").is_file():
+        raise ValueError(f"--dataset {dataset} is not a prepared dataset (no schema.json); run prepare first")
+
+
+def _python_job(name: str, role: str, args: list[str], image: str, cpu: int, gpu: int, memMB: int,
+                replicas: int = 1) -> specs.AppDef:
+    """An AppDef of one role running ``python -m ...`` on ``replicas`` replicas."""
+    return specs.AppDef(name=name, roles=[specs.Role(
+        name=role, image=image, entrypoint="python", args=args, num_replicas=replicas,
+        resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB))])
+
+
 def _check_training_config(config: str, overrides: list[str], world_size: int, local: bool) -> None:
     from recsys.train.config import ConfigError, load_config  # torch import only when a component is built
 
@@ -135,9 +149,7 @@ def prepare(
     """
     args = ["-m", "recsys.prepare", "--dataset", dataset, "--out", out, "--no-progress"]
     args += ["--raw", raw] if raw else []
-    return specs.AppDef(name="llmctr-prepare", roles=[specs.Role(
-        name="prepare", image=image, entrypoint="python", args=args,
-        resource=specs.resource(cpu=cpu, gpu=0, memMB=memMB))])
+    return _python_job("llmctr-prepare", "prepare", args, image, cpu, 0, memMB)
 
 
 def embed(
@@ -173,14 +185,11 @@ def embed(
         raise ValueError(f"--entity {entity!r}: choose field, feature, user or item")
     if replicas < 1:
         raise ValueError(f"--replicas {replicas}: at least 1")
-    if image == LOCAL_IMAGE and not (Path(dataset) / "schema.json").is_file():
-        raise ValueError(f"--dataset {dataset} is not a prepared dataset (no schema.json); run prepare first")
+    _require_prepared(dataset, image)
     args = ["-m", "embedding_jobs.run", "--entity", entity, "--dataset", dataset, "--out", out,
             "--engine", engine, "--shard", specs.macros.replica_id, "--num-shards", str(replicas)]
     args += ["--model", model] if model else []
-    return specs.AppDef(name=f"llmctr-embed-{entity}", roles=[specs.Role(
-        name="embed", image=image, entrypoint="python", args=args, num_replicas=replicas,
-        resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB))])
+    return _python_job(f"llmctr-embed-{entity}", "embed", args, image, cpu, gpu, memMB, replicas)
 
 
 def finetune_fields(
@@ -207,12 +216,9 @@ def finetune_fields(
         gpu: GPUs
         memMB: memory in MB
     """
-    if image == LOCAL_IMAGE and not (Path(dataset) / "schema.json").is_file():
-        raise ValueError(f"--dataset {dataset} is not a prepared dataset (no schema.json); run prepare first")
+    _require_prepared(dataset, image)
     args = ["-m", "embedding_jobs.field_finetune", "--dataset", dataset, "--out", out, "--epochs", str(epochs),
             "--no-progress"]
     args += ["--model", model] if model else []
     args += ["--time-budget-s", str(time_budget_s)] if time_budget_s else []
-    return specs.AppDef(name="llmctr-finetune-fields", roles=[specs.Role(
-        name="finetune", image=image, entrypoint="python", args=args,
-        resource=specs.resource(cpu=cpu, gpu=gpu, memMB=memMB))])
+    return _python_job("llmctr-finetune-fields", "finetune", args, image, cpu, gpu, memMB)
