@@ -85,9 +85,10 @@ def test_registry_names() -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_shapes_and_finite(name: str, batch: Batch) -> None:
-    out = build(name)(batch)
+    model = build(name)
+    out = model(batch)
     assert out.logit.shape == (B,)
-    assert out.representation.dim() == 2 and out.representation.shape[0] == B
+    assert out.representation.dim() == 2 and out.representation.shape == (B, model.representation_dim)
     assert out.field_embeddings.shape == (B, NUM_FIELDS, D)
     assert torch.isfinite(out.logit).all()
     assert out.logit.std() > 0  # rows are told apart

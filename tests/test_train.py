@@ -90,6 +90,7 @@ def test_bad_config_is_refused_with_the_key_named(overrides, message):
     (["optim.embedding_optimizer=adam"], "GPUs only"),
     (["optim.embedding_optimizer=lamb"], "embedding_optimizer 'lamb'"),
     (["train.sharding_types=[row_wise]"], "row-wise sharding needs GPUs"),
+    (["train.sharding_types=[data_parallel]"], "not be trained by the fused embedding optimizer"),
 ])
 def test_bad_training_config_fails_before_training(ml100k, tmp_path, overrides, message):
     from recsys.train.trainer import Trainer
@@ -132,6 +133,29 @@ def test_training_run_writes_its_folder_and_learns(ml100k, tmp_path):
     assert 0.70 < result["test_auc"] < 1.0  # a real model on real data, well above chance
     plan = (run / "plan.txt").read_text()
     assert "t_item_id" in plan and "t_hist_item_id" not in plan  # the history shares the item table
+
+
+def test_every_embedding_table_trains(ml100k, tmp_path):
+    """Small tables too: a table the planner made data-parallel once silently kept its initial values."""
+    from recsys.train.trainer import RunState, Trainer
+
+    trainer = Trainer(_cfg(ml100k, tmp_path, "train.pipeline=false"))
+
+    def tables() -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in trainer.model.state_dict().items():
+            if ".embedding_bags." in name:
+                out[name] = torch.cat([s.tensor.flatten() for s in t.local_shards()]) if hasattr(t, "local_shards") \
+                    else t.flatten()
+        return {k: v.clone() for k, v in out.items()}
+
+    before = tables()
+    trainer.train_epoch(0, RunState())
+    after = tables()
+    assert len(before) == 20  # DeepFM: 10 embedding tables and 10 first-order tables
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"tables that did not train: {unchanged}"
+    assert "data_parallel" not in trainer.plan_text
 
 
 def test_resume_reaches_the_same_result_as_an_uninterrupted_run(ml100k, tmp_path):

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
 from recsys.data.lists import Lists
-from recsys.data.schema import PAD_ID, FieldKind, PreparedSchema
+from recsys.data.schema import PAD_ID, FieldKind, PreparedField, PreparedSchema
 
 
 @dataclass
@@ -123,18 +124,8 @@ class ParquetBatches:
 
     def _read(self, groups: list[tuple[int, int, int]]) -> Chunk:
         columns = ["label", *self.keys, *self.dense_names]
-        chunks = []
-        for g, lo, hi in groups:
-            t = self._file.read_row_group(g, columns=columns).slice(lo, hi - lo)
-            sparse = []
-            for f in self.sparse_fields:
-                col = t.column(f.name)
-                sparse.append(col.to_numpy().astype(np.int64) if f.kind is FieldKind.CATEGORICAL
-                              else Lists.from_arrow(col))
-            dense = (np.stack([t.column(n).to_numpy().astype(np.float32) for n in self.dense_names], axis=1)
-                     if self.dense_names else np.zeros((t.num_rows, 0), dtype=np.float32))
-            chunks.append(Chunk(t.column("label").to_numpy().astype(np.float32), dense, sparse))
-        return Chunk.concat(chunks)
+        return Chunk.concat([table_chunk(self._file.read_row_group(g, columns=columns).slice(lo, hi - lo),
+                                         self.sparse_fields, self.dense_names) for g, lo, hi in groups])
 
     def chunks(self) -> Iterator[Chunk]:
         """This rank's rows, a window at a time (shuffled when asked)."""
@@ -168,32 +159,49 @@ class ParquetBatches:
             produced += 1
 
     def to_batch(self, chunk: Chunk) -> Batch:
-        """A Batch of exactly ``batch_size`` rows; rows past the chunk's end are padding with weight 0."""
-        n, pad = len(chunk), self.batch_size - len(chunk)
-        values, lengths = [], []
-        for col in chunk.sparse:
-            if isinstance(col, Lists):
-                values.append(col.values)
-                lengths.append(np.diff(col.offsets))
-                if pad:
-                    lengths.append(np.zeros(pad, np.int64))
-            else:
-                values.append(col)
-                lengths.append(np.ones(n, np.int64))
-                if pad:
-                    values.append(np.full(pad, PAD_ID, np.int64))
-                    lengths.append(np.ones(pad, np.int64))
-        kjt = KeyedJaggedTensor(
-            keys=self.keys,
-            values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
-            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32, copy=False)),
-            stride=self.batch_size,
-        )
-        weights = np.zeros(self.batch_size, np.float32)
-        weights[:n] = 1.0
-        labels = np.zeros(self.batch_size, np.float32)
-        labels[:n] = chunk.labels
-        dense = np.zeros((self.batch_size, len(self.dense_names)), np.float32)
-        dense[:n] = chunk.dense
-        return Batch(dense_features=torch.from_numpy(dense), sparse_features=kjt,
-                     labels=torch.from_numpy(labels), weights=torch.from_numpy(weights))
+        return make_batch(chunk, self.keys, self.batch_size)
+
+
+def table_chunk(t: pa.Table, sparse_fields: list[PreparedField], dense_names: list[str]) -> Chunk:
+    """Rows of a prepared table (ids) as numpy columns; without a ``label`` column the labels are 0."""
+    sparse = []
+    for f in sparse_fields:
+        col = t.column(f.name)
+        sparse.append(col.to_numpy().astype(np.int64) if f.kind is FieldKind.CATEGORICAL else Lists.from_arrow(col))
+    dense = (np.stack([t.column(n).to_numpy().astype(np.float32) for n in dense_names], axis=1)
+             if dense_names else np.zeros((t.num_rows, 0), dtype=np.float32))
+    labels = (t.column("label").to_numpy().astype(np.float32) if "label" in t.column_names
+              else np.zeros(t.num_rows, np.float32))
+    return Chunk(labels, dense, sparse)
+
+
+def make_batch(chunk: Chunk, keys: list[str], batch_size: int) -> Batch:
+    """A Batch of exactly ``batch_size`` rows; rows past the chunk's end are padding with weight 0."""
+    n, pad = len(chunk), batch_size - len(chunk)
+    values, lengths = [], []
+    for col in chunk.sparse:
+        if isinstance(col, Lists):
+            values.append(col.values)
+            lengths.append(np.diff(col.offsets))
+            if pad:
+                lengths.append(np.zeros(pad, np.int64))
+        else:
+            values.append(col)
+            lengths.append(np.ones(n, np.int64))
+            if pad:
+                values.append(np.full(pad, PAD_ID, np.int64))
+                lengths.append(np.ones(pad, np.int64))
+    kjt = KeyedJaggedTensor(
+        keys=keys,
+        values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),
+        lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32, copy=False)),
+        stride=batch_size,
+    )
+    weights = np.zeros(batch_size, np.float32)
+    weights[:n] = 1.0
+    labels = np.zeros(batch_size, np.float32)
+    labels[:n] = chunk.labels
+    dense = np.zeros((batch_size, chunk.dense.shape[1]), np.float32)
+    dense[:n] = chunk.dense
+    return Batch(dense_features=torch.from_numpy(dense), sparse_features=kjt,
+                 labels=torch.from_numpy(labels), weights=torch.from_numpy(weights))

@@ -40,6 +40,11 @@ class Backbone(nn.Module):
     def embedding_dim(self) -> int:
         return self.sparse_arch.embedding_dim
 
+    @property
+    def representation_dim(self) -> int:
+        """H of ``CTROutput.representation``: the input size of ``output_layer`` (FM and FinalMLP override)."""
+        return self.output_layer.in_features
+
     def forward(self, batch: Batch, extra: torch.Tensor | None = None) -> CTROutput:
         emb = self.sparse_arch(batch)
         if extra is not None:

@@ -74,6 +74,10 @@ class FinalMLP(Backbone):
                              f"fields are {known}")
         return [known.index(n) for n in names]
 
+    @property
+    def representation_dim(self) -> int:
+        return self.stream1.output_dim + self.stream2.output_dim
+
     def interact(self, emb: torch.Tensor, batch: Batch) -> CTROutput:
         hidden = torch.cat([self.stream1(self.select1(emb)), self.stream2(self.select2(emb))], dim=-1)
         return CTROutput(logit=self.output_layer(hidden), representation=hidden, field_embeddings=emb)

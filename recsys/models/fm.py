@@ -48,6 +48,10 @@ class FM(Backbone):
         self.first_order = first_order
         self.second_order = FMInteraction(reduce=False)
 
+    @property
+    def representation_dim(self) -> int:
+        return 1 + self.embedding_dim  # the first-order term, then the FM term per dimension
+
     def interact(self, emb: torch.Tensor, batch: Batch) -> CTROutput:
         terms = torch.cat([self.first_order(batch).unsqueeze(-1), self.second_order(emb)], dim=-1)
         return CTROutput(logit=terms.sum(dim=-1), representation=terms, field_embeddings=emb)

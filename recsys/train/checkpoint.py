@@ -16,7 +16,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.optim import Optimizer
 
 META = "meta.json"
@@ -73,3 +73,28 @@ class Checkpointer:
             dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
             optimizer.load_state_dict(state["optim"])
         return self.meta(name)
+
+
+def load_part(path: str | Path, module: nn.Module, target_prefix: str = "", source_prefix: str = "") -> int:
+    """Load the tensors of ``module`` named ``target_prefix + rest`` from a checkpoint's ``source_prefix + rest``.
+
+    It warm-starts part of a model from another run (a student's frozen teacher from the gain network's
+    run: ``target_prefix="teacher."``) and exports a backbone from a task's checkpoint
+    (``source_prefix="model."``). Sharded or not, on any number of ranks: DCP reshards. Every requested
+    tensor must be in the checkpoint. Returns the number of tensors loaded.
+    """
+    path = Path(path)
+    if not (path / META).is_file():
+        raise FileNotFoundError(f"no complete checkpoint {path} (missing {META})")
+    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    own = {k: v for k, v in module.state_dict().items() if k.startswith(target_prefix)}
+    wanted = {source_prefix + k[len(target_prefix):]: v for k, v in own.items()}
+    missing = sorted(k for k in wanted if f"model.{k}" not in saved)
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}: "
+                         "was it written by another backbone or configuration?")
+    state = {"model": wanted}
+    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    loaded = {target_prefix + k[len(source_prefix):]: v for k, v in state["model"].items()}
+    module.load_state_dict(loaded, strict=False)
+    return len(loaded)

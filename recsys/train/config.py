@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from recsys.methods.elec import ELECConfig
 from recsys.methods.llactr import LLaCTRConfig
 from recsys.models.autoint import AutoIntConfig
 from recsys.models.dcnv2 import DCNv2Config
@@ -60,8 +61,9 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "none"  # none (the plain backbone) or llactr
+    name: str = "none"  # none (the plain backbone), llactr, elec_gain or elec_student
     llactr: LLaCTRConfig = field(default_factory=LLaCTRConfig)
+    elec: ELECConfig = field(default_factory=ELECConfig)
 
 
 @dataclass

@@ -22,7 +22,10 @@ from recsys.train.config import ConfigError, OptimConfig
 
 log = logging.getLogger(__name__)
 
-CPU_SHARDING_TYPES = ("data_parallel", "table_wise", "column_wise", "table_column_wise")
+# No data_parallel: a data-parallel table gets TorchRec's dense kernel, outside the fused FBGEMM optimizer,
+# and the per-table parameters it exposes are views that never receive a gradient, so with the dense
+# optimizer built from them the table silently stays at its initial values. Every table is model-parallel.
+CPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise")
 GPU_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise", "grid_shard")
 EMBEDDING_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad,
                         "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
@@ -85,6 +88,8 @@ def check_sharding_types(types: list[str] | None, device: torch.device) -> None:
     for t in types or []:
         if t not in allowed:
             hint = " (row-wise sharding needs GPUs)" if "row" in t and device.type == "cpu" else ""
+            if t == "data_parallel":
+                hint = " (data-parallel tables would not be trained by the fused embedding optimizer)"
             raise ConfigError(f"train.sharding_types: {t!r} is not available on {device.type}{hint}; "
                               f"choose from {list(allowed)}")
 
@@ -101,16 +106,15 @@ def fuse_embedding_optimizer(model: nn.Module, cfg: OptimConfig) -> None:
 
 def plan_and_shard(model: nn.Module, env: DistEnv, per_rank_batch: int,
                    sharding_types: list[str] | None) -> tuple[DistributedModelParallel, ShardingPlan]:
-    constraints = None
-    if sharding_types:
-        # Column-wise shards are at least min_partition wide (default 32, wider than CTR tables): ask for
-        # one shard per rank so that column-wise sharding actually splits a table.
-        split = any("column" in t for t in sharding_types)
-        constraints = {
-            cfg.name: ParameterConstraints(
-                sharding_types=list(sharding_types),
-                min_partition=max(4, cfg.embedding_dim // env.world_size) if split else None)
-            for ebc in embedding_tables(model) for cfg in ebc.embedding_bag_configs()}
+    # Column-wise shards are at least min_partition wide (default 32, wider than CTR tables): when asked
+    # for column-wise sharding, allow one shard per rank so that it actually splits a table.
+    split = bool(sharding_types) and any("column" in t for t in sharding_types)
+    allowed = list(sharding_types or (CPU_SHARDING_TYPES if env.device.type == "cpu" else GPU_SHARDING_TYPES))
+    constraints = {
+        cfg.name: ParameterConstraints(
+            sharding_types=allowed,
+            min_partition=max(4, cfg.embedding_dim // env.world_size) if split else None)
+        for ebc in embedding_tables(model) for cfg in ebc.embedding_bag_configs()}
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=env.world_size, local_world_size=env.local_world_size,
                           compute_device=env.device.type),

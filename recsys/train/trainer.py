@@ -36,7 +36,7 @@ from recsys.data.loader import ParquetBatches
 from recsys.data.schema import PreparedSchema
 from recsys.methods.registry import build_task, check_method
 from recsys.models import BACKBONES
-from recsys.train.checkpoint import Checkpointer
+from recsys.train.checkpoint import Checkpointer, load_part
 from recsys.train.config import ConfigError, ExperimentConfig
 from recsys.train.distributed import (
     DENSE_OPTIMIZERS,
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 TaskBuilder = Callable[[PreparedSchema, ExperimentConfig], nn.Module]
 
 
-def check_config(cfg: ExperimentConfig, env: DistEnv) -> None:
+def check_config(cfg: ExperimentConfig, env: DistEnv, schema: PreparedSchema | None = None) -> None:
     """Everything that can be wrong with a configuration, found before any training starts."""
     if cfg.model.backbone not in BACKBONES:
         raise ConfigError(f"model.backbone {cfg.model.backbone!r} is unknown; choose from {sorted(BACKBONES)}")
@@ -72,7 +72,7 @@ def check_config(cfg: ExperimentConfig, env: DistEnv) -> None:
         raise ConfigError("train.epochs and train.patience must be >= 1")
     check_optim(cfg.optim, env.device)
     check_sharding_types(cfg.train.sharding_types, env.device)
-    check_method(cfg)
+    check_method(cfg, schema)
 
 
 @dataclass
@@ -93,7 +93,7 @@ class Trainer:
         cores = os.cpu_count() or 1
         torch.set_num_threads(cfg.train.num_threads or max(1, cores // self.env.local_world_size))
         self.schema = PreparedSchema.load(cfg.data.path)
-        check_config(cfg, self.env)
+        check_config(cfg, self.env, self.schema)
         self.run_dir = cfg.run_dir
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", self.env.is_main)
         if not cfg.train.resume and self.ckpt.exists("last"):
@@ -105,6 +105,10 @@ class Trainer:
         fuse_embedding_optimizer(task, cfg.optim)
         self.model, plan = plan_and_shard(task, self.env, self.per_rank_batch, cfg.train.sharding_types)
         self.plan_text = describe_plan(plan)
+        if not self.ckpt.exists("last"):  # a resumed run has these weights in its own checkpoint
+            for prefix, path in getattr(task, "warm_start", {}).items():
+                n = load_part(path, self.model, target_prefix=prefix)
+                self._log(f"loaded {n} tensors of {prefix.rstrip('.')} from {path}")
         dense_cls = DENSE_OPTIMIZERS[cfg.optim.dense_optimizer]
         self.dense_optimizer = KeyedOptimizerWrapper(
             dense_parameters(self.model),

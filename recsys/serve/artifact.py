@@ -1,0 +1,94 @@
+"""The exported model: a folder that loads and scores with ``recsys`` alone.
+
+    model.pt      the backbone's state dict (plain tensors; loaded with ``weights_only=True``)
+    schema.json   the prepared dataset's schema: fields, vocabulary sizes, fingerprint
+    export.json   backbone name and configuration, embedding size, the run it came from and its test metrics
+
+Only models whose served logit is a backbone's own are exported: ``none`` (the plain backbone) and
+``elec_student`` (ELEC's vanilla network; its teacher, language model and feature tables stay behind).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recsys.data.batch import Batch
+from recsys.data.schema import PreparedSchema
+from recsys.models import BACKBONES, build_backbone
+from recsys.models.base import Backbone
+from recsys.train.checkpoint import load_part
+from recsys.train.config import ConfigError, from_dict, load_config
+
+FORMAT_VERSION = 1
+EXPORTABLE = ("none", "elec_student")  # methods whose served logit is the backbone's
+
+
+@dataclass
+class ExportedModel:
+    """A loaded artifact: ``score(batch)`` returns logits, in eval mode, without autograd."""
+
+    model: Backbone
+    schema: PreparedSchema
+    meta: dict[str, Any]
+
+    @torch.no_grad()
+    def score(self, batch: Batch) -> torch.Tensor:
+        return self.model(batch).logit
+
+
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
+    """Write the served backbone of a finished training run to ``out`` (replaced atomically)."""
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = load_config(run_dir / "config.yaml")
+    if cfg.method.name not in EXPORTABLE:
+        raise ConfigError(f"{run_dir} trained method {cfg.method.name!r}; only {EXPORTABLE} export as a bare "
+                          "backbone (an elec_gain network needs its feature tables: distil it into elec_student)")
+    schema = PreparedSchema.load(cfg.data.path)
+    m = cfg.model
+    backbone = build_backbone(m.backbone, schema, m.embedding_dim, m.backbone_config(), device=torch.device("cpu"))
+    load_part(run_dir / "checkpoints" / checkpoint, backbone, source_prefix="model.")
+    metrics_file = run_dir / "test_metrics.json"
+    meta = {
+        "format_version": FORMAT_VERSION, "backbone": m.backbone, "embedding_dim": m.embedding_dim,
+        "backbone_config": dataclasses.asdict(m.backbone_config()), "method": cfg.method.name,
+        "dataset": schema.name, "fingerprint": schema.fingerprint, "source_run": str(run_dir),
+        "checkpoint": checkpoint, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "test_metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
+    }
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    torch.save(backbone.state_dict(), tmp / "model.pt")
+    (tmp / "schema.json").write_text(schema.to_json())
+    (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def load_exported(folder: str | Path) -> ExportedModel:
+    folder = Path(folder)
+    for name in ("model.pt", "schema.json", "export.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} not found: is {folder} an exported model "
+                                    "(python -m recsys.serve.export)?")
+    meta = json.loads((folder / "export.json").read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder}: export format {meta.get('format_version')} is not {FORMAT_VERSION}")
+    spec = BACKBONES.get(meta["backbone"])
+    if spec is None:
+        raise ValueError(f"{folder}: unknown backbone {meta['backbone']!r}")
+    schema = PreparedSchema.load(folder)
+    config = from_dict(spec.config, meta["backbone_config"], f"{folder / 'export.json'}:backbone_config")
+    model = build_backbone(meta["backbone"], schema, meta["embedding_dim"], config, device=torch.device("cpu"))
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return ExportedModel(model.eval(), schema, meta)

@@ -1,0 +1,254 @@
+"""ELEC: the distillation losses by hand, the gain network, two-stage and joint students on ML-100K with
+synthetic user/item tables, and the exported student scoring where transformers and vLLM cannot import."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from recsys.data.prepare import prepare
+from recsys.data.schema import FIRST_ID, PreparedSchema, load_schema
+from recsys.features.table import FeatureEntity, FeatureTableMetadata
+from recsys.methods.elec import representation_distillation, score_distillation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_score_distillation_matches_hand_computed_cases():
+    student, teacher = torch.tensor([0.0]), torch.tensor([math.log(3.0)])  # q = 0.5, p = 0.75
+    kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    assert score_distillation(student, teacher, "kl", 1.0).item() == pytest.approx(kl, abs=1e-6)
+    p = 1 / (1 + math.exp(-math.log(3.0) / 2))  # temperature 2 softens the teacher; the student stays 0.5
+    kl2 = p * math.log(p / 0.5) + (1 - p) * math.log((1 - p) / 0.5)
+    assert score_distillation(student, teacher, "kl", 2.0).item() == pytest.approx(4 * kl2, abs=1e-6)
+    assert score_distillation(teacher, teacher, "kl", 3.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert score_distillation(torch.tensor([1.0]), torch.tensor([3.0]), "mse").item() == pytest.approx(4.0)
+    rep = representation_distillation(torch.tensor([[1.0, 2.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [3.0, 1.0]]))
+    assert rep.tolist() == pytest.approx([2.0, 5.0])
+
+
+# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ml100k_tables(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """ML-100K with user/item tables whose first dimension is the id's training click rate (a real signal)."""
+    from embedding_jobs.table_writer import write_table_file
+
+    root = tmp_path_factory.mktemp("elec")
+    data = root / "ml-100k"
+    prepare(load_schema("ml-100k"), data, progress=False)
+    schema = PreparedSchema.load(data)
+    train = pq.read_table(data / "train.parquet", columns=["user_id", "item_id", "label"]).to_pandas()
+    rng = np.random.default_rng(0)
+    paths = []
+    for entity, key in ((FeatureEntity.USER, "user_id"), (FeatureEntity.ITEM, "item_id")):
+        n, dim = schema.field(key).vocab_size, 6
+        vectors = rng.standard_normal((n, dim)).astype(np.float32) * 0.1
+        rate = train.groupby(key)["label"].mean()
+        vectors[rate.index.to_numpy(), 0] = rate.to_numpy()
+        meta = FeatureTableMetadata(
+            entity=entity, table=key, num_rows=n, dim=dim, model_name="test", weights_hash="0" * 64,
+            engine="transformers", pooling="mean", normalize=False, max_length=32, dtype="float32",
+            template_version=1, template_hash="t", dataset_name=schema.name, dataset_fingerprint=schema.fingerprint,
+            created_at=datetime.now(UTC).isoformat())
+        path = root / f"{entity}.parquet"
+        write_table_file(path, np.arange(FIRST_ID, n, dtype=np.int64), vectors[FIRST_ID:], meta)
+        paths.append(path)
+    return data, paths[0], paths[1]
+
+
+def _cfg(data: Path, out: Path, name: str, *overrides: str):
+    from recsys.train.config import load_config
+
+    return load_config(None, [f"data.path={data}", f"train.out_dir={out}", f"name={name}", "data.batch_size=2048",
+                              "model.deepfm.hidden=[32,32]", "train.progress=false", "train.epochs=1",
+                              "train.max_steps_per_epoch=12", "train.seed=5", *overrides])
+
+
+def _tables(user: Path, item: Path) -> list[str]:
+    return [f"method.elec.user_table={user}", f"method.elec.item_table={item}"]
+
+
+@pytest.fixture(scope="module")
+def gain_run(ml100k_tables, tmp_path_factory) -> tuple[Path, dict]:
+    from recsys.train.trainer import Trainer
+
+    data, user, item = ml100k_tables
+    out = tmp_path_factory.mktemp("gain")
+    result = Trainer(_cfg(data, out, "gain", "method.name=elec_gain", *_tables(user, item))).fit()
+    return out / "gain", result
+
+
+def test_gain_network_sees_the_language_model_vectors(ml100k_tables, gain_run, tmp_path):
+    from recsys.methods.registry import build_task
+
+    data, user, item = ml100k_tables
+    run, result = gain_run
+    assert result["test_auc"] > 0.6
+    schema = PreparedSchema.load(data)
+    task = build_task(schema, _cfg(data, tmp_path, "g", "method.name=elec_gain", *_tables(user, item)),
+                      device=torch.device("cpu"))
+    assert task.model.num_extra_fields == 2 and task.lm.fields == ["user_id", "item_id"]
+    late = build_task(schema, _cfg(data, tmp_path, "g", "method.name=elec_gain", "method.elec.inject=logit",
+                                   *_tables(user, item)), device=torch.device("cpu"))
+    assert late.model.num_extra_fields == 0 and late.late is not None
+
+
+def test_student_without_distillation_is_exactly_the_base_model(ml100k_tables, tmp_path):
+    from recsys.train.trainer import Trainer
+
+    data, _, _ = ml100k_tables
+    base = Trainer(_cfg(data, tmp_path, "base")).fit()
+    alone = Trainer(_cfg(data, tmp_path, "alone", "method.name=elec_student", "method.elec.score_weight=0")).fit()
+    assert alone["test_auc"] == base["test_auc"] and alone["test_logloss"] == base["test_logloss"]
+
+
+def _teacher_state(run: Path, data: Path, ckpt: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The gain network's tensors as stored under ``prefix`` in checkpoint ``ckpt``, gathered on CPU."""
+    from recsys.methods.registry import build_task
+    from recsys.train.checkpoint import load_part
+    from recsys.train.config import load_config
+
+    task = build_task(PreparedSchema.load(data), load_config(run / "config.yaml"), device=torch.device("cpu"))
+    load_part(ckpt, task, source_prefix=prefix)
+    return {k: v.clone() for k, v in task.state_dict().items()}
+
+
+def test_two_stage_student_learns_from_a_frozen_teacher(ml100k_tables, gain_run, tmp_path):
+    from recsys.train.trainer import Trainer
+
+    data, _, _ = ml100k_tables
+    run, _ = gain_run
+    cfg = _cfg(data, tmp_path, "student", "method.name=elec_student", f"method.elec.teacher_run={run}",
+               "method.elec.rep_weight=0.5", "method.elec.temperature=2")
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    assert result["test_auc"] > 0.6
+    assert any("rep_projection" in n for n, _ in trainer.model.named_parameters()) is False  # same DNN size
+    before = _teacher_state(run, data, run / "checkpoints" / "best", "")
+    after = _teacher_state(run, data, tmp_path / "student" / "checkpoints" / "last", "teacher.")
+    assert before.keys() == after.keys()
+    for k in before:  # the teacher was loaded from the gain run and never changed
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
+
+
+def test_joint_distillation_never_pushes_gradients_into_the_teacher(ml100k_tables, tmp_path):
+    from recsys.data.loader import ParquetBatches
+    from recsys.methods.registry import build_task
+    from recsys.train.task import weighted_bce
+
+    data, user, item = ml100k_tables
+    schema = PreparedSchema.load(data)
+    cfg = _cfg(data, tmp_path, "j", "method.name=elec_student", "method.elec.mode=joint", "method.elec.rep_weight=1",
+               "model.backbone=dcnv2", *_tables(user, item))
+    torch.manual_seed(0)
+    task = build_task(schema, cfg, device=torch.device("cpu"))
+    assert isinstance(task.rep_projection, torch.nn.Linear)  # DCNv2's representation grows with the fields
+    batch = next(iter(ParquetBatches(data, "train", schema, 256)))
+    loss, _ = task(batch)
+    with_distillation = torch.autograd.grad(loss, list(task.teacher.parameters()), allow_unused=True)
+    own = weighted_bce(task.teacher.output(batch).logit, batch)
+    alone = torch.autograd.grad(own, list(task.teacher.parameters()), allow_unused=True)
+    for a, b in zip(with_distillation, alone, strict=True):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b)
+    student_grads = torch.autograd.grad(task(batch)[0], [task.rep_projection.weight])
+    assert student_grads[0].abs().sum() > 0
+
+
+def test_joint_run_trains_both_networks(ml100k_tables, tmp_path):
+    from recsys.train.trainer import Trainer
+
+    data, user, item = ml100k_tables
+    result = Trainer(_cfg(data, tmp_path, "joint", "method.name=elec_student", "method.elec.mode=joint",
+                          "method.elec.score_loss=mse", *_tables(user, item))).fit()
+    assert result["test_auc"] > 0.6
+
+
+def test_bad_teacher_runs_fail_before_training(ml100k_tables, gain_run, tmp_path):
+    from recsys.train.config import ConfigError
+    from recsys.train.trainer import Trainer
+
+    data, _, _ = ml100k_tables
+    run, _ = gain_run
+    with pytest.raises(ConfigError, match="not a finished gain-network run"):
+        Trainer(_cfg(data, tmp_path, "s", "method.name=elec_student", f"method.elec.teacher_run={tmp_path}"))
+    with pytest.raises(ConfigError, match="user_table"):
+        Trainer(_cfg(data, tmp_path, "g", "method.name=elec_gain"))
+    with pytest.raises(ConfigError, match="inject"):
+        Trainer(_cfg(data, tmp_path, "g", "method.name=elec_gain", "method.elec.inject=middle"))
+    fake = tmp_path / "other"
+    fake.mkdir()
+    (fake / "checkpoints" / "best").mkdir(parents=True)
+    (fake / "config.yaml").write_text((run / "config.yaml").read_text())
+    metrics = json.loads((run / "test_metrics.json").read_text())
+    (fake / "test_metrics.json").write_text(json.dumps({**metrics, "fingerprint": "another"}))
+    with pytest.raises(ConfigError, match="fingerprint"):
+        Trainer(_cfg(data, tmp_path, "s", "method.name=elec_student", f"method.elec.teacher_run={fake}"))
+
+
+# ------------------------------------------------------------------------------------------------
+BLOCKED = ("transformers", "vllm", "peft", "embedding_jobs")
+
+
+def test_exported_student_scores_without_any_language_model(ml100k_tables, gain_run, tmp_path):
+    from recsys.serve import export_run
+    from recsys.train.trainer import Trainer
+
+    data, _, _ = ml100k_tables
+    run, _ = gain_run
+    result = Trainer(_cfg(data, tmp_path, "student", "method.name=elec_student",
+                          f"method.elec.teacher_run={run}")).fit()
+    export = export_run(tmp_path / "student", tmp_path / "export")
+    assert json.loads((export / "export.json").read_text())["method"] == "elec_student"
+    scores = tmp_path / "scores.parquet"
+    code = (f"import sys\nfor m in {BLOCKED!r}: sys.modules[m] = None  # importing any of them now fails\n"
+            "from recsys.serve.score import main\n"
+            f"rc = main(['--model', {str(export)!r}, '--input', {str(data / 'test.parquet')!r}, "
+            f"'--out', {str(scores)!r}, '--no-progress'])\n"
+            f"assert not set(sys.modules) & {{'torch_geometric', 'sentence_transformers'}}\n"
+            "sys.exit(rc)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = pq.read_table(scores)
+    assert out.num_rows == result["test_rows"]
+    auc = float(proc.stdout.split("auc ")[1].split(",")[0])
+    assert auc == pytest.approx(result["test_auc"], abs=1e-4)  # the served model is the trained student
+
+
+def test_export_refuses_a_gain_network_and_bad_requests_are_named(ml100k_tables, gain_run, tmp_path):
+    import pyarrow as pa
+
+    from recsys.serve import export_run, load_exported
+    from recsys.serve.score import RequestError, score_file
+    from recsys.train.config import ConfigError
+    from recsys.train.trainer import Trainer
+
+    data, _, _ = ml100k_tables
+    run, _ = gain_run
+    with pytest.raises(ConfigError, match="elec_gain"):
+        export_run(run, tmp_path / "x")
+    Trainer(_cfg(data, tmp_path, "base", "train.max_steps_per_epoch=2")).fit()
+    model = load_exported(export_run(tmp_path / "base", tmp_path / "export"))
+    requests = pq.read_table(data / "test.parquet").slice(0, 50)
+    ids = requests.column("item_id").to_numpy().copy()
+    ids[7] = 10**6
+    bad = requests.set_column(requests.column_names.index("item_id"), "item_id", pa.array(ids))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    with pytest.raises(RequestError, match="'item_id' row 7 has id 1000000"):
+        score_file(model, tmp_path / "bad.parquet", tmp_path / "s.parquet", progress=False)
+    pq.write_table(requests.drop(["genres"]), tmp_path / "missing.parquet")
+    with pytest.raises(RequestError, match="'genres' is missing"):
+        score_file(model, tmp_path / "missing.parquet", tmp_path / "s.parquet", progress=False)
+    with pytest.raises(FileNotFoundError, match="exported model"):
+        load_exported(tmp_path)
