@@ -28,6 +28,7 @@ def run_one(dataset: str, backbone: str, seed: int, extra: list[str], variant: s
     out = REPO / "runs" / "bench" / name
     if (out / "test_metrics.json").is_file():
         return json.loads((out / "test_metrics.json").read_text())
+    extra = [o.format(backbone=backbone, seed=seed, tag=tag) for o in extra]  # e.g. a teacher run per seed
     cmd = [python(), "-m", "recsys.train", "--config", f"benchmarks/configs/{tag}.yaml", f"name={name}",
            f"model.backbone={backbone}", f"train.seed={seed}", "train.progress=false", *extra]
     out.mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,9 @@ def main() -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--variant", default="base",
                    help="a name for what the overrides change (e.g. llactr); results go to quality_<dataset>_<variant>")
-    p.add_argument("overrides", nargs="*", help="extra section.key=value overrides for every run")
+    p.add_argument("overrides", nargs="*",
+                   help="extra section.key=value overrides for every run; {backbone}, {seed} and {tag} (ml100k, "
+                        "ml1m) are filled in, e.g. method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_s{seed}")
     args = p.parse_args()
     data = REPO / "runs" / "data" / args.dataset
     if not (data / "schema.json").is_file():

@@ -222,3 +222,149 @@ def finetune_fields(
     args += ["--model", model] if model else []
     args += ["--time-budget-s", str(time_budget_s)] if time_budget_s else []
     return _python_job("llmctr-finetune-fields", "finetune", args, image, cpu, gpu, memMB)
+
+
+def adapt_lm(
+    dataset: str,
+    out: str,
+    model: str = "",
+    rows: int = 20000,
+    time_budget_s: int = 300,
+    image: str = LOCAL_IMAGE,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 16384,
+) -> specs.AppDef:
+    """ELEC stage 1: adapt the language model to the CTR task on click labels (two towers, LoRA merged).
+
+    Args:
+        dataset: prepared dataset folder
+        out: folder for the adapted model (a Hugging Face model plus the transformation MLP)
+        model: local model folder (default: the packaged MiniLM)
+        rows: training rows sampled
+        time_budget_s: stop training after this many seconds
+        image: container image (not used by local_cwd)
+        cpu: CPU cores
+        gpu: GPUs
+        memMB: memory in MB
+    """
+    _require_prepared(dataset, image)
+    args = ["-m", "embedding_jobs.ctr_adapt", "--dataset", dataset, "--out", out, "--rows", str(rows),
+            "--time-budget-s", str(time_budget_s), "--no-progress"]
+    args += ["--model", model] if model else []
+    return _python_job("llmctr-adapt-lm", "adapt", args, image, cpu, gpu, memMB)
+
+
+def _distill_overrides(teacher_run: str, overrides: tuple[str, ...], local: bool) -> list[str]:
+    if local and not (Path(teacher_run) / "test_metrics.json").is_file():
+        raise ValueError(f"--teacher_run {teacher_run} is not a finished gain-network run (no test_metrics.json); "
+                         "train one first with method.name=elec_gain")
+    return ["method.name=elec_student", f"method.elec.teacher_run={teacher_run}", *overrides]
+
+
+def distill_local(
+    config: str,
+    teacher_run: str,
+    *overrides: str,
+    j: str = "1x2",
+    cpu: int = 2,
+    memMB: int = 8192,
+    max_restarts: int = 0,
+) -> specs.AppDef:
+    """ELEC stage 3 on this machine: distil a finished gain network into the tabular-only student.
+
+    Args:
+        config: experiment YAML file (the student's backbone and training settings)
+        teacher_run: the gain network's run folder (method.name=elec_gain)
+        overrides: section.key=value overrides, e.g. method.elec.rep_weight=1 method.elec.temperature=2
+        j: 1xPROCS: one node, PROCS ranks
+        cpu: CPU cores the ranks share
+        memMB: memory in MB
+        max_restarts: restarts of all ranks after a failure; a restart resumes from the last checkpoint
+    """
+    return _train(config, _distill_overrides(teacher_run, overrides, True), j, LOCAL_IMAGE, cpu, 0, memMB, 0,
+                  max_restarts, local=True)
+
+
+def distill_cluster(
+    config: str,
+    teacher_run: str,
+    *overrides: str,
+    image: str,
+    j: str = "2x8",
+    cpu: int = 32,
+    gpu: int = 8,
+    memMB: int = 256_000,
+    max_retries: int = 2,
+    max_restarts: int = 3,
+) -> specs.AppDef:
+    """ELEC stage 3 on a cluster scheduler: distil a finished gain network into the student (NCCL on GPUs).
+
+    Args:
+        config: experiment YAML file, inside the image or on a shared mount
+        teacher_run: the gain network's run folder on shared storage
+        overrides: section.key=value overrides
+        image: container image with the project installed (kubernetes) or the working directory (slurm)
+        j: NODESxPROCS_PER_NODE
+        cpu: CPU cores per node
+        gpu: GPUs per node
+        memMB: memory per node in MB
+        max_retries: scheduler-level retries of a failed replica
+        max_restarts: torchrun restarts of all ranks after a failure
+    """
+    return _train(config, _distill_overrides(teacher_run, overrides, False), j, image, cpu, gpu, memMB,
+                  max_retries, max_restarts, local=False)
+
+
+def export(
+    run: str,
+    out: str,
+    checkpoint: str = "best",
+    image: str = LOCAL_IMAGE,
+    cpu: int = 1,
+    memMB: int = 8192,
+) -> specs.AppDef:
+    """Export a finished run's served model (base or ELEC student) as a folder that needs recsys alone.
+
+    Args:
+        run: the training run folder
+        out: the export folder
+        checkpoint: best or last
+        image: container image (not used by local_cwd)
+        cpu: CPU cores
+        memMB: memory in MB
+    """
+    if image == LOCAL_IMAGE and not (Path(run) / "config.yaml").is_file():
+        raise ValueError(f"--run {run} is not a training run folder (no config.yaml)")
+    args = ["-m", "recsys.serve.export", "--run", run, "--out", out, "--checkpoint", checkpoint]
+    return _python_job("llmctr-export", "export", args, image, cpu, 0, memMB)
+
+
+def evaluate(
+    model: str,
+    input: str,
+    out: str,
+    metrics: str = "",
+    image: str = LOCAL_IMAGE,
+    cpu: int = 2,
+    memMB: int = 8192,
+) -> specs.AppDef:
+    """Score a Parquet file of requests with an exported model; with labels, report AUC and logloss.
+
+    Args:
+        model: the exported model folder
+        input: Parquet requests in the prepared layout (e.g. runs/data/ml-100k/test.parquet)
+        out: Parquet file of scores to write
+        metrics: JSON file for the AUC and logloss (empty: print only)
+        image: container image (not used by local_cwd)
+        cpu: CPU cores
+        memMB: memory in MB
+    """
+    if image == LOCAL_IMAGE:
+        if not (Path(model) / "export.json").is_file():
+            raise ValueError(f"--model {model} is not an exported model (no export.json); run the export component")
+        if not Path(input).is_file():
+            raise ValueError(f"--input {input} does not exist")
+    args = ["-m", "recsys.serve.score", "--model", model, "--input", input, "--out", out, "--no-progress"]
+    args += ["--metrics", metrics] if metrics else []
+    return _python_job("llmctr-evaluate", "evaluate", args, image, cpu, 0, memMB)

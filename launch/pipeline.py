@@ -4,9 +4,11 @@
     python -m launch.pipeline --scheduler kubernetes --dryrun --image REPO/llmctr:0.1 --root /mnt/llmctr
 
 Steps: prepare the dataset; fine-tune the language model on field/feature pairs (LLaCTR, within a time
-budget); embed the fields with it, and the users and items with the packaged model (``--replicas``
-processes each); train the base model; train the same backbone with LLaCTR's field knowledge; print the
-two side by side. Each step is a TorchX AppDef (``launch/components.py``); a step that fails stops the
+budget) and embed the fields with it; adapt the language model to the CTR task (ELEC, within a time
+budget) and embed the users and items with it (``--replicas`` processes each); train the base model; train
+the same backbone with LLaCTR's field knowledge; train ELEC's gain network on the adapted vectors; distil it
+into the tabular-only student; export the student and score the test split with the export alone; print
+everything side by side. Each step is a TorchX AppDef (``launch/components.py``); a step that fails stops the
 pipeline with its logs' location. Steps are idempotent: a rerun skips finished embedding parts and resumes
 training from the last checkpoint.
 """
@@ -45,12 +47,29 @@ def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], specs.AppDef
                                            **image)))
     out.append(("embed field", lambda: components.embed("field", str(data), str(features), model=str(fields_model),
                                                         engine=args.engine, **image)))
+    elec_model = root / "models" / f"{args.dataset}-elec"
+    out.append(("adapt LM (ELEC)", lambda: None if (elec_model / "report.json").is_file() else
+                components.adapt_lm(str(data), str(elec_model), time_budget_s=args.adapt_budget_s, **image)))
     for entity in ("user", "item"):
         out.append((f"embed {entity}", lambda e=entity: components.embed(
-            e, str(data), str(features), engine=args.engine, replicas=args.replicas, **image)))
+            e, str(data), str(features), model=str(elec_model), engine=args.engine, replicas=args.replicas,
+            **image)))
     out.append(("train base", lambda: train(args.config, *common, f"name={name}_base", **size)))
     out.append(("train llactr", lambda: train(args.config, *common, f"name={name}_llactr", "method.name=llactr",
                                               f"method.llactr.field_table={features / 'field'}", **size)))
+    out.append(("train ELEC gain", lambda: train(
+        args.config, *common, f"name={name}_elec_gain", "method.name=elec_gain",
+        f"method.elec.user_table={features / 'user'}", f"method.elec.item_table={features / 'item'}", **size)))
+    distill = components.distill_local if local else components.distill_cluster
+    out.append(("distill ELEC student", lambda: distill(
+        args.config, str(runs / f"{name}_elec_gain"), *common, f"name={name}_elec_student",
+        *args.distill, **size)))
+    export_dir = root / "export" / f"{name}_elec_student"
+    out.append(("export student", lambda: components.export(str(runs / f"{name}_elec_student"), str(export_dir),
+                                                            **image)))
+    out.append(("evaluate exported student", lambda: components.evaluate(
+        str(export_dir), str(data / "test.parquet"), str(root / "scores" / f"{name}_elec_student_test.parquet"),
+        metrics=str(export_dir / "test_metrics.json"), **image)))
     return out
 
 
@@ -69,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
     p.add_argument("--replicas", type=int, default=1, help="embedding processes per entity")
     p.add_argument("--finetune-budget-s", type=int, default=180, help="time budget of the field fine-tuning")
+    p.add_argument("--adapt-budget-s", type=int, default=120, help="time budget of ELEC's language-model adaptation")
+    p.add_argument("--distill", nargs="*", default=["method.elec.score_weight=1", "method.elec.rep_weight=1"],
+                   metavar="KEY=VALUE", help="the student's distillation settings")
     p.add_argument("--nproc", type=int, default=2, help="training ranks on this machine")
     p.add_argument("--j", default="2x8", help="training NODESxPROCS on a cluster")
     p.add_argument("--image", default="", help="container image (cluster schedulers)")
@@ -107,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         runs = Path(args.root) / "runs"
         name = run_name(args)
         print(f"\n{'model':<22} {'valid AUC':>9} {'valid logloss':>13} {'test AUC':>9} {'test logloss':>12}")
-        for variant in ("base", "llactr"):
+        for variant in ("base", "llactr", "elec_gain", "elec_student"):
             r = json.loads((runs / f"{name}_{variant}" / "test_metrics.json").read_text())
             print(f"{args.backbone + ' ' + variant:<22} {r['valid_auc']:>9.4f} {r['valid_logloss']:>13.4f} "
                   f"{r['test_auc']:>9.4f} {r['test_logloss']:>12.4f}")
+        served = json.loads((Path(args.root) / "export" / f"{name}_elec_student" / "test_metrics.json").read_text())
+        print(f"the exported student alone (recsys only, no language model): test AUC {served['auc']:.4f}, "
+              f"logloss {served['logloss']:.4f}")
     return 0
 
 

@@ -203,6 +203,26 @@ def test_pipeline_dryrun_on_a_cluster_lists_every_step(tmp_path, capsys):
     assert main(["--scheduler", "slurm", "--image", "/shared/llmctr", "--root", str(tmp_path), "--dryrun"]) == 0
     out = capsys.readouterr().out
     titles = [line for line in out.splitlines() if line.startswith("=== ")]
-    assert [t.split(" ===")[0][4:] for t in titles] == ["prepare", "fine-tune fields", "embed field", "embed user",
-                                                        "embed item", "train base", "train llactr"]
-    assert out.count("srun") >= 7 and "embedding_jobs.field_finetune" in out and "method.name=llactr" in out
+    assert [t.split(" ===")[0][4:] for t in titles] == [
+        "prepare", "fine-tune fields", "embed field", "adapt LM (ELEC)", "embed user", "embed item", "train base",
+        "train llactr", "train ELEC gain", "distill ELEC student", "export student", "evaluate exported student"]
+    assert out.count("srun") >= 12 and "embedding_jobs.field_finetune" in out and "method.name=llactr" in out
+    assert "embedding_jobs.ctr_adapt" in out and "method.name=elec_gain" in out and "method.name=elec_student" in out
+    assert "recsys.serve.export" in out and "recsys.serve.score" in out
+
+
+def test_elec_appdefs_check_their_inputs(ml100k, tmp_path):
+    (role,) = components.adapt_lm(str(ml100k), "out/elec", time_budget_s=60).roles
+    assert role.args[:2] == ["-m", "embedding_jobs.ctr_adapt"] and "60" in role.args
+    with pytest.raises(ValueError, match="not a finished gain-network run"):
+        components.distill_local(CONFIG, str(tmp_path), f"data.path={ml100k}")
+    app = components.distill_cluster(CONFIG, "/mnt/runs/gain", image="repo/llmctr:1", j="2x8")
+    args = " ".join(app.roles[0].args)
+    assert "method.name=elec_student" in args and "method.elec.teacher_run=/mnt/runs/gain" in args
+    assert app.roles[0].num_replicas == 2
+    with pytest.raises(ValueError, match="not a training run folder"):
+        components.export(str(tmp_path), "out")
+    (role,) = components.export("/mnt/runs/s", "/mnt/export/s", image="repo/llmctr:1").roles
+    assert role.args[:2] == ["-m", "recsys.serve.export"]
+    with pytest.raises(ValueError, match="not an exported model"):
+        components.evaluate(str(tmp_path), str(ml100k / "test.parquet"), "out.parquet")

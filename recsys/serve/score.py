@@ -10,6 +10,7 @@ logloss are printed too. No language model or feature table is read.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="an exported model folder")
     p.add_argument("--input", required=True, help="a Parquet file of requests (prepared ids)")
     p.add_argument("--out", required=True, help="the Parquet file of scores to write")
+    p.add_argument("--metrics", default=None, help="also write the AUC and logloss (with labels) to this JSON file")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -109,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"scoring failed: {e}", file=sys.stderr)
         return 2
+    if args.metrics:
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.metrics).write_text(json.dumps({"model": args.model, "input": args.input, **result}, indent=2) + "\n")
     extra = "".join(f", {k} {v:.4f}" for k, v in result.items() if k in ("auc", "logloss"))
     print(f"scored {int(result['rows'])} rows of {args.input} with {model.meta['backbone']} -> {args.out}{extra}")
     return 0

@@ -1,0 +1,179 @@
+"""ELEC quality: base, gain network and distilled students, mean ± std over seeds, on real data.
+
+    python -m benchmarks.elec --dataset ml-100k                      # DeepFM and DCNv2, seeds 1 2 3
+    python -m benchmarks.elec --dataset ml-1m --adapt-budget-s 600
+    python -m benchmarks.elec --dataset ml-100k --ablations          # injection point, untuned LM, joint mode
+
+Steps, each skipped when its output exists (rerun to resume):
+
+1. adapt the packaged MiniLM to the CTR task (``embedding_jobs.ctr_adapt``) -> runs/models/<ds>-elec;
+2. embed users and items with it (``embedding_jobs.run``, vLLM engine) -> runs/features/<ds>-elec/{user,item};
+3. train, per backbone and seed (``benchmarks.quality``'s runs, config benchmarks/configs/<ds>.yaml):
+   ``base``; ``elec_gain``; ``elec_student_{score,rep,both}`` from that seed's gain network (two-stage);
+   ``elec_student_alone`` (no distillation: must equal the base exactly).
+
+The table goes to benchmarks/results/elec_<dataset>.{md,json,png}: test AUC and logloss, the gain over the
+base, and the share of the gain network's improvement that each student keeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.common import REPO, RESULTS, environment, fmt, mean_std, python, write_json
+from benchmarks.quality import run_one
+
+TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_s{seed}"
+STUDENT = ["method.name=elec_student", TEACHER]
+
+
+def variants(tables: Path) -> dict[str, list[str]]:
+    gain = ["method.name=elec_gain", f"method.elec.user_table={tables / 'user'}",
+            f"method.elec.item_table={tables / 'item'}"]
+    return {
+        "base": [],
+        "elec_gain": gain,
+        "elec_student_score": [*STUDENT, "method.elec.score_weight=1", "method.elec.rep_weight=0"],
+        "elec_student_rep": [*STUDENT, "method.elec.score_weight=0", "method.elec.rep_weight=1"],
+        "elec_student_both": [*STUDENT, "method.elec.score_weight=1", "method.elec.rep_weight=1"],
+        "elec_student_alone": ["method.name=elec_student", "method.elec.score_weight=0", "method.elec.rep_weight=0"],
+    }
+
+
+def ablations(tables: Path, untuned: Path) -> dict[str, list[str]]:
+    gain = ["method.name=elec_gain", f"method.elec.user_table={tables / 'user'}",
+            f"method.elec.item_table={tables / 'item'}"]
+    return {
+        "elec_gain_logit": [*gain, "method.elec.inject=logit"],  # late fusion instead of extra fields
+        "elec_gain_untuned": ["method.name=elec_gain", f"method.elec.user_table={untuned / 'user'}",
+                              f"method.elec.item_table={untuned / 'item'}"],  # the packaged MiniLM as is
+        "elec_joint_both": ["method.name=elec_student", "method.elec.mode=joint", *gain[1:],
+                            "method.elec.score_weight=1", "method.elec.rep_weight=1"],
+    }
+
+
+def step(cmd: list[str], done: Path, log: Path) -> None:
+    if done.exists():
+        print(f"skip (exists): {done}", flush=True)
+        return
+    print("run:", " ".join(cmd), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        if subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed; see {log}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], required=True)
+    p.add_argument("--backbones", nargs="+", default=["deepfm", "dcnv2"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--adapt-budget-s", type=int, default=300, help="time budget of the language-model adaptation")
+    p.add_argument("--adapt-rows", type=int, default=20000)
+    p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
+    p.add_argument("--ablations", action="store_true",
+                   help="also: injection at the logit, the untuned MiniLM's vectors, joint training")
+    args = p.parse_args()
+    ds, tag = args.dataset, args.dataset.replace("-", "")
+    data, model = REPO / "runs" / "data" / ds, REPO / "runs" / "models" / f"{ds}-elec"
+    tables, untuned = REPO / "runs" / "features" / f"{ds}-elec", REPO / "runs" / "features" / f"{ds}-untuned"
+    logs = REPO / "runs" / "bench" / "logs"
+    step([python(), "-m", "recsys.prepare", "--dataset", ds, "--out", str(data), "--no-progress"],
+         data / "schema.json", logs / f"prepare_{ds}.log")
+    step([python(), "-m", "embedding_jobs.ctr_adapt", "--dataset", str(data), "--out", str(model),
+          "--time-budget-s", str(args.adapt_budget_s), "--rows", str(args.adapt_rows), "--no-progress"],
+         model / "report.json", logs / f"adapt_{ds}.log")
+    step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
+          str(tables), "--model", str(model), "--engine", args.engine, "--no-progress"],
+         tables / "item" / "table.parquet", logs / f"embed_{ds}.log")
+    todo = variants(tables)
+    if args.ablations:
+        step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
+              str(untuned), "--engine", args.engine, "--no-progress"], untuned / "item" / "table.parquet",
+             logs / f"embed_{ds}_untuned.log")
+        todo.update(ablations(tables, untuned))
+
+    results: dict[str, dict[str, list[dict]]] = {}
+    for backbone in args.backbones:
+        results[backbone] = {}
+        for variant, overrides in todo.items():
+            runs = [run_one(ds, backbone, s, overrides, variant) for s in args.seeds]
+            results[backbone][variant] = runs
+            print(f"{backbone:<7} {variant:<20} test AUC {fmt([r['test_auc'] for r in runs])}", flush=True)
+    report(args, results, model)
+    return 0
+
+
+def report(args: argparse.Namespace, results: dict, model: Path) -> None:
+    adapt = json.loads((model / "report.json").read_text())
+    summary = {"dataset": args.dataset, "seeds": args.seeds, "command": "python -m benchmarks.elec "
+               + " ".join(sys.argv[1:]), "config": f"benchmarks/configs/{args.dataset.replace('-', '')}.yaml",
+               "adaptation": {k: adapt.get(k) for k in ("valid_auc_before", "valid_auc_after", "rows_used",
+                                                          "steps", "seconds", "options")},
+               "environment": environment(), "runs": {
+                   b: {v: {k: [r[k] for r in runs] for k in ("test_auc", "test_logloss", "best_epoch")}
+                       for v, runs in vs.items()} for b, vs in results.items()}}
+    stem = RESULTS / f"elec_{args.dataset}"
+    write_json(stem.with_suffix(".json"), summary)
+    a = summary["adaptation"]
+    lines = [f"# ELEC on {args.dataset}", "",
+             f"Command: `{summary['command']}` (config `{summary['config']}`), seeds {args.seeds}. Each row is "
+             "mean ± std over the seeds; a student of seed s distils the gain network of seed s.", "",
+             f"Language-model adaptation (packaged MiniLM, two towers, LoRA): validation AUC of the language model "
+             f"alone {a['valid_auc_before']} before -> {a['valid_auc_after']} after, {a['rows_used']} rows, "
+             f"{a['steps']} steps, {a['seconds']} s.", ""]
+    for b, vs in summary["runs"].items():
+        base = mean_std(vs["base"]["test_auc"])[0]
+        gain = mean_std(vs["elec_gain"]["test_auc"])[0] - base if "elec_gain" in vs else float("nan")
+        lines += [f"## {b}", "", "| variant | test AUC | test logloss | AUC − base | share of the gain kept | best epochs |",
+                  "|---|---|---|---|---|---|"]
+        for v, r in vs.items():
+            delta = mean_std(r["test_auc"])[0] - base
+            kept = f"{delta / gain:.0%}" if v.startswith("elec_student") and gain > 0 else ""
+            lines.append(f"| {v} | {fmt(r['test_auc'])} | {fmt(r['test_logloss'])} | {delta:+.4f} | {kept} | "
+                         f"{r['best_epoch']} |")
+        alone = vs.get("elec_student_alone")
+        if alone:
+            same = alone["test_auc"] == vs["base"]["test_auc"]
+            lines += ["", f"The student trained alone {'equals' if same else 'DIFFERS FROM'} the base in every seed "
+                      "(same initialisation, same batches, BCE only)."]
+        lines.append("")
+    env = summary["environment"]
+    lines += [f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}, "
+              + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + f"; commit {env['commit']}, "
+              f"{env['date']}.", ""]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    plot(summary, stem.with_suffix(".png"))
+    print(f"wrote {stem}.md/.json/.png")
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = list(summary["runs"])
+    fig, axes = plt.subplots(1, len(backbones), figsize=(5.5 * len(backbones), 3.8), squeeze=False)
+    for ax, b in zip(axes[0], backbones, strict=True):
+        vs = summary["runs"][b]
+        names = list(vs)
+        means = [mean_std(vs[v]["test_auc"])[0] for v in names]
+        stds = [mean_std(vs[v]["test_auc"])[1] for v in names]
+        colors = ["#999999" if v == "base" else "#dd8452" if "gain" in v else "#4c72b0" for v in names]
+        ax.barh(names, means, xerr=stds, color=colors, capsize=3)
+        ax.axvline(means[0], color="#555555", lw=0.8, ls="--")
+        ax.set_xlim(min(means) - 0.01, max(means) + 0.005)
+        ax.invert_yaxis()
+        ax.set(title=f"{b} on {summary['dataset']} (test AUC, {len(summary['seeds'])} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
