@@ -8,6 +8,10 @@ its count are the same) and pool the same way, so for one model they give the sa
   normalisation set through vLLM's ``PoolerConfig(pooling_type=..., use_activation=...)``; the choice
   for large decoders on GPUs. vLLM is imported only when this engine is built.
 
+An ELEC-adapted model (a folder with ``elec_head.json``, written by ``embedding_jobs.ctr_adapt``) gives
+``T(meanpool(last hidden states))``: both engines mean-pool without normalising, then apply the head's
+transformation MLP ``T`` to what the model returned, so ``dim`` is the head's representation size.
+
 Example (a fake engine fits the same slot in tests)::
 
     >>> engine = TransformersEngine(EngineOptions(model=packaged_minilm()))  # doctest: +SKIP
@@ -22,7 +26,7 @@ import json
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
@@ -31,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from embedding_jobs.elec_head import ELEC_TRANSFORM, HEAD_CONFIG, HeadConfig, load_head, read_head_config
 from embedding_jobs.model_files import (
     ModelError,
     Pooling,
@@ -60,7 +65,7 @@ class EngineKind(StrEnum):
 class EngineOptions:
     model: Path  # a local folder saved with save_pretrained (no hub names: the machine is offline)
     pooling: Pooling | None = None  # None: the model's own (sentence-transformers), else last for decoders, mean
-    normalize: bool = True  # L2-normalise each vector
+    normalize: bool | None = None  # L2-normalise each vector; None: yes, except for an ELEC-adapted model
     batch_size: int = 64  # texts per forward pass (transformers)
     max_length: int | None = None  # tokens; None: the model's limit. Longer texts are truncated and counted
     dtype: str = "float32"
@@ -90,6 +95,7 @@ class ModelInfo:
     pooling: Pooling
     normalize: bool
     dtype: str
+    head: str = ""  # "" or ELEC_TRANSFORM: the ELEC transformation MLP applied after pooling
 
 
 class Engine(Protocol):
@@ -126,12 +132,34 @@ def describe_model(options: EngineOptions, engine: EngineKind) -> ModelInfo:
         raise ModelError(f"{folder}: no length limit in config.json, sentence_bert_config.json or "
                          "tokenizer_config.json: pass max_length")
     limit = min(limits)
-    if options.max_length is not None and not 0 < options.max_length <= limit:
-        raise ModelError(f"max_length {options.max_length} is outside 1..{limit}, the limit of {folder}")
-    return ModelInfo(engine=engine, model_name=model_name(folder), model_path=str(folder),
-                     weights_hash=weights_hash(folder), dim=config.hidden_size,
-                     max_length=options.max_length or limit, pooling=options.pooling or default_pooling(config),
-                     normalize=options.normalize, dtype=options.dtype)
+    head = read_head_config(folder)
+    max_length = _elec_max_length(options, head, folder) if head else options.max_length
+    if max_length is not None and not 0 < max_length <= limit:
+        raise ModelError(f"max_length {max_length} is outside 1..{limit}, the limit of {folder}")
+    info = ModelInfo(engine=engine, model_name=model_name(folder), model_path=str(folder),
+                     weights_hash=weights_hash(folder, extra=[folder / head.weights] if head else []),
+                     dim=config.hidden_size, max_length=max_length or limit,
+                     pooling=options.pooling or default_pooling(config),
+                     normalize=True if options.normalize is None else options.normalize, dtype=options.dtype)
+    if head is None:
+        return info
+    if head.input_dim != config.hidden_size:
+        raise ModelError(f"{folder / HEAD_CONFIG}: the head reads {head.input_dim}-wide states, the model's are "
+                         f"{config.hidden_size}")
+    # The head was trained on mean-pooled, unnormalised states: anything else would store other vectors.
+    return replace(info, dim=head.rep_dim, pooling=Pooling.MEAN, normalize=False, head=ELEC_TRANSFORM)
+
+
+def _elec_max_length(options: EngineOptions, head: HeadConfig, folder: Path) -> int:
+    """An ELEC-adapted model embeds as it was trained: mean pooling, no normalisation, the training max length."""
+    if options.pooling not in (None, Pooling.MEAN) or options.normalize:
+        raise ModelError(f"{folder} is ELEC-adapted ({HEAD_CONFIG}): its head reads mean-pooled, unnormalised "
+                         f"states, so the pooling must be mean and normalize off (got pooling={options.pooling}, "
+                         f"normalize={options.normalize}): leave both unset")
+    if options.max_length is not None and options.max_length != head.max_length:
+        log.warning("%s was adapted with texts cut at %d tokens, this job cuts them at %d: long texts will not get "
+                    "the vectors the model was trained with", folder, head.max_length, options.max_length)
+    return options.max_length or head.max_length
 
 
 def _tokenizer_limit(folder: Path) -> int | None:
@@ -183,6 +211,18 @@ class TextTokenizer:
 class _EngineBase:
     info: ModelInfo
     num_truncated: int = 0
+    _head: torch.nn.Module | None = None
+
+    def _load_head(self) -> None:
+        if self.info.head:
+            self._head = load_head(Path(self.info.model_path)).transform
+
+    def _project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The pooled states, or for an ELEC-adapted model the transformation MLP's output on them."""
+        if self._head is None:
+            return pooled
+        with torch.inference_mode():
+            return self._head(pooled.float())
 
     @property
     def dim(self) -> int:
@@ -218,8 +258,9 @@ class TransformersEngine(_EngineBase):
         self._model = AutoModel.from_pretrained(self.info.model_path, local_files_only=True,
                                                 dtype=getattr(torch, options.dtype),
                                                 trust_remote_code=options.trust_remote_code).eval()
-        log.info("transformers engine: %s (%s pooling, normalize=%s, max %d tokens, dim %d)", self.model_name,
-                 self.info.pooling, self.info.normalize, self.max_length, self.dim)
+        self._load_head()
+        log.info("transformers engine: %s (%s pooling, normalize=%s, max %d tokens, head %s, dim %d)", self.model_name,
+                 self.info.pooling, self.info.normalize, self.max_length, self.info.head or "none", self.dim)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         ids, truncated = self._tokenizer.encode(texts)
@@ -237,7 +278,7 @@ class TransformersEngine(_EngineBase):
                     input_ids[i, :len(x)] = torch.tensor(x)
                     mask[i, :len(x)] = 1
                 hidden = self._model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
-                out[rows] = pool(hidden, mask, self.info.pooling, self.info.normalize).numpy()
+                out[rows] = self._project(pool(hidden, mask, self.info.pooling, self.info.normalize)).numpy()
         return self._check_output(out, len(ids))
 
     def close(self) -> None:
@@ -269,6 +310,7 @@ class VLLMEngine(_EngineBase):
         vllm_options = vllm_options or VLLMOptions()
         self.info = describe_model(options, EngineKind.VLLM)
         self._tokenizer = TextTokenizer(Path(self.info.model_path), self.info.max_length, options.trust_remote_code)
+        self._load_head()
         # The model folder is local: never let vLLM (or its spawned workers) reach for the hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
@@ -286,8 +328,8 @@ class VLLMEngine(_EngineBase):
             enable_prefix_caching=vllm_options.enable_prefix_caching, enforce_eager=vllm_options.enforce_eager,
             pooler_config=PoolerConfig(pooling_type=self.info.pooling.upper(), use_activation=self.info.normalize),
         )
-        log.info("vLLM engine: %s (%s pooling, normalize=%s, max %d tokens, dim %d)", self.model_name,
-                 self.info.pooling, self.info.normalize, self.max_length, self.dim)
+        log.info("vLLM engine: %s (%s pooling, normalize=%s, max %d tokens, head %s, dim %d)", self.model_name,
+                 self.info.pooling, self.info.normalize, self.max_length, self.info.head or "none", self.dim)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         from vllm.inputs import TokensPrompt
@@ -298,7 +340,7 @@ class VLLMEngine(_EngineBase):
             return np.zeros((0, self.dim), dtype=np.float32)
         outputs = self._llm.embed([TokensPrompt(prompt_token_ids=x) for x in ids], use_tqdm=False)
         vectors = np.asarray([o.outputs.embedding for o in outputs], dtype=np.float32)
-        return self._check_output(vectors, len(ids))
+        return self._check_output(self._project(torch.from_numpy(vectors)).numpy(), len(ids))
 
     def close(self) -> None:
         """Stop vLLM's engine process now rather than at interpreter exit."""

@@ -105,18 +105,21 @@ def build_pairs(data: PreparedData, values_per_field: int, holdout: float, seed:
 
 
 class PooledEncoder:
-    """A transformers model and tokenizer that give pooled, L2-normalised text vectors."""
+    """A transformers model (LoRA-wrapped or not) and its tokenizer that give pooled text vectors, tokenized and
+    pooled as the embedding engines do. Shared by the field fine-tuning and ELEC's adaptation (ctr_adapt)."""
 
-    def __init__(self, folder: Path, max_length: int, lora_rank: int | None) -> None:
+    def __init__(self, folder: Path, max_length: int, lora_rank: int | None, *, pooling: Pooling | None = None,
+                 normalize: bool = True, trust_remote_code: bool = False) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         self.folder = folder
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"  # pooling expects right padding
-        self.model = AutoModel.from_pretrained(folder, trust_remote_code=False, dtype=torch.float32)
-        self.pooling: Pooling = default_pooling(read_model_config(folder))
+        self.model = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        self.pooling: Pooling = pooling or default_pooling(read_model_config(folder))
+        self.normalize = normalize
         self.max_length = max_length
         if lora_rank:
             from peft import LoraConfig, get_peft_model
@@ -130,7 +133,7 @@ class PooledEncoder:
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
                                return_tensors="pt")
         hidden = self.model(**batch).last_hidden_state
-        return pool(hidden, batch["attention_mask"], self.pooling, normalize=True)
+        return pool(hidden, batch["attention_mask"], self.pooling, self.normalize)
 
     @torch.no_grad()
     def accuracy(self, pairs: Pairs, fields: list[str], batch_size: int = 256) -> float:

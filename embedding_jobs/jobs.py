@@ -4,6 +4,13 @@ The engine starts once per job, and only when this shard has unfinished parts, s
 job costs seconds. Parts are numbered over all tables of the job (a feature job writes one table per
 field), and shard ``I`` of ``N`` takes every part whose number is ``I`` modulo ``N``: the shards' parts
 together are the tables.
+
+With an ELEC-adapted model (``embedding_jobs.ctr_adapt``: the folder holds ``elec_head.json``), the user and
+item tables store the adapted "high-level representation vector" ``r = T(meanpool(H))``: ``H`` the last hidden
+states of the entity's text (the same template the adaptation trained on), mean-pooled over the attention
+mask without L2 normalisation, and ``T`` the trained transformation MLP; the metadata says
+``head="elec_transform"``, ``dim`` is T's output size. Field and feature entities are refused for such a
+model: its head was trained on user and item texts only (embed them with the base model).
 """
 
 from __future__ import annotations
@@ -105,7 +112,8 @@ def table_metadata(table: TextTable, model: ModelInfo, data: PreparedData, optio
         pooling=model.pooling.value, normalize=model.normalize, max_length=model.max_length, dtype=model.dtype,
         template_version=TEMPLATE_VERSION, template_hash=template_hash(table.entity, options),
         template_options=relevant_options(table.entity, options), dataset_name=data.schema.name,
-        dataset_fingerprint=data.schema.fingerprint, created_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        dataset_fingerprint=data.schema.fingerprint, created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        head=model.head)
 
 
 def check_nonempty(table: TextTable) -> None:
@@ -127,6 +135,10 @@ class _Work:
 def run_job(options: JobOptions, model: ModelInfo, start_engine: Callable[[], Engine]) -> JobResult:
     """Embed every text of ``options.entities`` that this shard owns and has not finished; merge complete tables."""
     began = time.perf_counter()
+    other = [e for e in options.entities if e not in (FeatureEntity.USER, FeatureEntity.ITEM)]
+    if model.head and other:
+        raise ValueError(f"{model.model_path} is ELEC-adapted (head {model.head}, trained on user and item texts "
+                         f"only): it embeds users and items, not {', '.join(other)}; embed those with the base model")
     data = PreparedData.open(options.dataset)
     templates = options.templates.resolve(data)
     tables = [t for entity in dict.fromkeys(options.entities) for t in build_texts(data, entity, templates)]

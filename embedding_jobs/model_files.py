@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -79,9 +80,9 @@ def weight_files(folder: Path) -> list[Path]:
     raise ModelError(f"{folder}: no weight files ({' or '.join(_WEIGHT_PATTERNS)})")
 
 
-def weights_hash(folder: Path) -> str:
-    """sha256 over the weight files (name and sha256 of each). Per-file digests are cached by path, size and
-    modification time, so a 15 GB decoder is read once, not on every run."""
+def weights_hash(folder: Path, extra: Sequence[Path] = ()) -> str:
+    """sha256 over the weight files (name and sha256 of each), then over ``extra`` files (an ELEC head). Per-file
+    digests are cached by path, size and modification time, so a 15 GB decoder is read once, not on every run."""
     cache_path = _cache_dir() / "weights_sha256.json"
     try:
         cache = json.loads(cache_path.read_text())
@@ -89,7 +90,7 @@ def weights_hash(folder: Path) -> str:
         cache = {}
     total = hashlib.sha256()
     changed = False
-    for file in weight_files(folder):
+    for file in [*weight_files(folder), *extra]:
         st = file.stat()
         entry = f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         digest = cache.get(entry)

@@ -6,6 +6,10 @@ OUT/<entity>/ (feature tables: OUT/feature/<field>/) as part files plus a manife
 table.parquet once every part exists. A rerun after a crash skips the finished parts. Split the work over
 processes or nodes with --shard I --num-shards N (the same --out, on shared storage).
 
+A model adapted by `python -m embedding_jobs.ctr_adapt` (ELEC; its folder holds elec_head.json) embeds users
+and items only, and stores T(meanpool(last hidden states)), the adapted representation: mean pooling, no
+normalisation, and the max length and history options of its training unless given here.
+
 Example:
   python -m embedding_jobs.run --entity all --dataset runs/data/ml-100k --out runs/features/ml-100k \\
       --engine vllm
@@ -17,10 +21,12 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from embedding_jobs.elec_head import HeadConfig, read_head_config
 from embedding_jobs.engines import (
     DTYPES,
     EngineKind,
@@ -31,7 +37,7 @@ from embedding_jobs.engines import (
     make_engine,
 )
 from embedding_jobs.jobs import JobOptions, run_job
-from embedding_jobs.model_files import ModelError, Pooling, packaged_minilm
+from embedding_jobs.model_files import ModelError, Pooling, packaged_minilm, resolve_model_path
 from embedding_jobs.templates import TemplateOptions
 from recsys.data.sources import DataError
 from recsys.features.table import FeatureEntity, FeatureTableError
@@ -54,12 +60,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--part-size", type=int, default=1024, help="texts per part file (unit of resumption/sharding)")
     p.add_argument("--pooling", choices=[x.value for x in Pooling], default=None,
                    help="default: the model's own (sentence-transformers), else last token for decoders, else mean")
-    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=True, help="L2-normalise vectors")
+    p.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="L2-normalise vectors (default: yes; no for an ELEC-adapted model, which refuses it)")
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's limit)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--history-length", type=int, default=20, help="interactions in a user's text")
+    p.add_argument("--history-length", type=int, default=None,
+                   help=f"interactions in a user's text (default: {TemplateOptions.history_length}, or the one an "
+                        "ELEC-adapted model was trained with)")
     p.add_argument("--history-item-field", default=None,
-                   help="field that names an item in user texts (default: title if present, else item_id)")
+                   help="field that names an item in user texts (default: title if present, else item_id; or the "
+                        "one an ELEC-adapted model was trained with)")
     p.add_argument("--shard", type=int, default=0, help="this process's shard, 0..N-1")
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--gpu-memory-utilization", type=float, default=VLLMOptions.gpu_memory_utilization,
@@ -75,6 +85,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="show vLLM's and transformers' own logs")
     return p
+
+
+def template_options(args: argparse.Namespace, head: HeadConfig | None) -> TemplateOptions:
+    """The command line's template options; for an ELEC-adapted model, those of its training where not given."""
+    trained = TemplateOptions(**head.template_options) if head else TemplateOptions()
+    options = replace(trained, **{k: v for k, v in (("history_length", args.history_length),
+                                                    ("history_item_field", args.history_item_field)) if v is not None})
+    if head and options != trained:
+        log.warning("the model was adapted on user texts made with %s, this job makes them with %s: the vectors "
+                    "will not be the ones it was trained with", trained, options)
+    return options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,12 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         job = JobOptions(entities=entities, dataset=args.dataset, out=args.out,
                          batch_size=args.batch_size, part_size=args.part_size, shard=args.shard,
                          num_shards=args.num_shards, progress=args.progress,
-                         templates=TemplateOptions(history_length=args.history_length,
-                                                   history_item_field=args.history_item_field))
+                         templates=template_options(args, read_head_config(resolve_model_path(engine_options.model))))
         kind = EngineKind(args.engine)
         model = describe_model(engine_options, kind)
-        log.info("model %s (weights sha256 %s…), %s engine, %s pooling, normalize=%s, max %d tokens",
-                 model.model_path, model.weights_hash[:12], kind, model.pooling, model.normalize, model.max_length)
+        log.info("model %s (weights sha256 %s…), %s engine, %s pooling, normalize=%s, max %d tokens, head %s",
+                 model.model_path, model.weights_hash[:12], kind, model.pooling, model.normalize, model.max_length,
+                 model.head or "none")
         result = run_job(job, model, lambda: make_engine(kind, engine_options, vllm_options))
     except (ModelError, DataError, FeatureTableError, EngineUnavailable, FileNotFoundError, ValueError) as e:
         log.error("%s", e, exc_info=args.verbose)

@@ -16,6 +16,11 @@ ids. Key spaces (see ``recsys.features.table``):
   (item and rating), read from ``train.parquet`` only, so nothing from validation or test leaks into a
   representation. Users with no training row get only their id sentence.
 
+The ``user`` and ``item`` texts are also what ELEC's adaptation (``embedding_jobs.ctr_adapt``) trains on: a
+training row is read as its user's text and its item's text, so a table embedded with the adapted model
+stores, for each key, ``T(meanpool(H))`` of exactly the text its training saw (``H`` the last hidden states,
+``T`` the trained transformation MLP; see ``embedding_jobs.jobs``).
+
 Every id of the key vocabulary (padding and unknown aside) gets a text, so a finished table has no
 missing key. Change any template string or rule here and bump :data:`TEMPLATE_VERSION`; the hash of the
 strings and options is recorded in every table either way.

@@ -79,6 +79,9 @@ class FeatureTableMetadata:
     created_at: str  # ISO 8601, UTC
     template_options: dict[str, Any] = field(default_factory=dict)
     model_path: str = ""  # where the model was read from (provenance only; not compared)
+    # What the vector is: "" the pooled language-model state; "elec_transform" ELEC's transformation MLP on the
+    # mean-pooled state, T(meanpool(H)) (embedding_jobs.ctr_adapt). Tables written before this field read as "".
+    head: str = ""
     format_version: int = FORMAT_VERSION
 
     @property

@@ -1,0 +1,353 @@
+"""ELEC stage 1: adapt a language model to the CTR task, on click labels, and save it for the embedding job.
+
+    python -m embedding_jobs.ctr_adapt --dataset runs/data/ml-100k --out runs/models/ml-100k-elec
+    python -m embedding_jobs.run --entity user item --dataset runs/data/ml-100k \\
+        --out runs/features/ml-100k-elec --model runs/models/ml-100k-elec
+
+Model: two towers sharing one encoder. A training row (user u, item i, label y) is read as the texts of the
+embedding job (embedding_jobs.templates: user_texts and item_texts, so exactly the texts the tables embed
+later), and
+
+    h(x)   = meanpool(LM(x))                  last hidden states, averaged over the attention mask
+    T(z)   = W2 @ gelu(W1 @ z + b1) + b2      the transformation MLP (hidden -> 256 -> 64), both towers
+    r_u    = T(h(user text)), r_i = T(h(item text))    the "high-level representation vectors"
+    logit  = w @ [r_u, r_i, r_u * r_i] + b    the prediction layer; BCE against y
+
+Two towers, not one text per row, because the CTR model reads the representations from feature tables keyed
+by user id and by item id, computed once per id: they must be the very vectors trained here. In a batch
+each distinct user and item text is encoded once.
+
+Training: a seeded sample of --rows training rows; LoRA (peft) on the encoder by default, or --full; stops
+after --epochs passes or when the --time-budget-s is spent (the current step finishes). The language model's
+own validation AUC, on a seeded sample of --valid-rows validation rows, is measured before (untrained head:
+about 0.5) and after.
+
+Written to a temporary folder, then renamed to OUT:
+  config.json, model.safetensors, tokenizer  the encoder, LoRA merged: a plain Hugging Face model
+  elec_head.json                             sizes, pooling, max length and text options of training, formulas
+  elec_head/elec_head.safetensors            T (transform.*) and the prediction layer (predict.*)
+  report.json                                dataset, base model and hash, options, AUCs, loss history, time
+
+Stored vector: `python -m embedding_jobs.run --model OUT` sees elec_head.json and stores for every user and
+item key r = T(meanpool(H)): H the last hidden states of its text cut at the training max length, mean-pooled
+over the attention mask, not L2-normalised, then T; dim = --rep-dim; metadata head = "elec_transform".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from embedding_jobs.elec_head import ELEC_TRANSFORM, STORED_VECTOR, ElecHead, HeadConfig, save_head
+from embedding_jobs.field_finetune import PooledEncoder
+from embedding_jobs.model_files import (
+    ModelError,
+    Pooling,
+    model_name,
+    packaged_minilm,
+    read_model_config,
+    resolve_model_path,
+    weights_hash,
+)
+from embedding_jobs.prepared import PreparedData
+from embedding_jobs.templates import TemplateOptions, TextTable, item_texts, user_texts
+from recsys.data.sources import DataError
+from recsys.train.metrics import auc, logloss
+
+log = logging.getLogger(__name__)
+
+LORA_LR, FULL_LR, HEAD_LR = 5e-4, 1e-4, 1e-3
+
+
+@dataclass(frozen=True)
+class AdaptOptions:
+    dataset: Path
+    out: Path
+    model: Path
+    rows: int = 20_000  # training rows sampled (seeded)
+    valid_rows: int = 2_000  # validation rows sampled (seeded), for the AUC before and after
+    epochs: int = 1  # passes over the sample at most
+    time_budget_s: float | None = 300.0  # training stops after this long (evaluation and saving come on top)
+    batch_size: int = 32  # rows per step
+    lr: float | None = None  # encoder; None: LORA_LR with LoRA, FULL_LR with full fine-tuning
+    head_lr: float = HEAD_LR  # the transformation MLP and the prediction layer
+    lora: bool = True
+    lora_rank: int = 8
+    hidden_dim: int = 256
+    rep_dim: int = 64
+    max_length: int = 128  # tokens per text (CPU-friendly); the embedding job cuts at the same length
+    templates: TemplateOptions = TemplateOptions()
+    trust_remote_code: bool = False
+    seed: int = 0
+    overwrite: bool = False
+
+    @property
+    def encoder_lr(self) -> float:
+        return self.lr if self.lr is not None else LORA_LR if self.lora else FULL_LR
+
+    def check(self) -> None:
+        for name in ("rows", "valid_rows", "epochs", "batch_size", "lora_rank", "hidden_dim", "rep_dim", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Sampled rows of one split: user and item key ids and the click label."""
+
+    users: np.ndarray  # int64
+    items: np.ndarray  # int64
+    labels: np.ndarray  # float32
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def entity_texts(data: PreparedData, templates: TemplateOptions) -> tuple[dict[int, str], dict[int, str]]:
+    """(user key -> text, item key -> text): the embedding job's texts, so training sees what tables store."""
+    try:
+        users, items = user_texts(data, templates), item_texts(data, templates)
+    except DataError as e:
+        raise DataError(f"ELEC adaptation reads every row as user text + item text, so the dataset needs a user key "
+                        f"field ({templates.user_key_field!r}) and an item key field ({templates.item_key_field!r}): "
+                        f"{e}") from None
+    return _by_key(users), _by_key(items)
+
+
+def _by_key(table: TextTable) -> dict[int, str]:
+    return dict(zip(table.keys.tolist(), table.texts, strict=True))
+
+
+def sample_rows(data: PreparedData, split: str, n: int, seed: int, templates: TemplateOptions,
+                users: dict[int, str], items: dict[int, str]) -> Rows:
+    """A seeded sample of ``n`` rows of ``split`` whose user and item have a text (padding/unknown ids do not)."""
+    label = data.schema.label
+    table = data.read_split(split, [templates.user_key_field, templates.item_key_field, label])
+    u, i = (table.column(c).to_numpy().astype(np.int64) for c in (templates.user_key_field, templates.item_key_field))
+    keep = np.flatnonzero(np.isin(u, list(users)) & np.isin(i, list(items)))
+    if len(keep) < len(u):
+        log.info("%s: %d of %d rows have an unknown user or item (no text) and are left out", split,
+                 len(u) - len(keep), len(u))
+    if len(keep) > n:
+        keep = np.sort(np.random.default_rng(seed).choice(keep, n, replace=False))
+    return Rows(u[keep], i[keep], table.column(label).to_numpy()[keep].astype(np.float32))
+
+
+class ElecModel:
+    """The language model under adaptation: a mean-pooling encoder (LoRA-wrapped or not) and the ELEC head."""
+
+    def __init__(self, folder: Path, opts: AdaptOptions) -> None:
+        self.encoder = PooledEncoder(folder, opts.max_length, opts.lora_rank if opts.lora else None,
+                                     pooling=Pooling.MEAN, normalize=False, trust_remote_code=opts.trust_remote_code)
+        self.head = ElecHead(read_model_config(folder).hidden_size, opts.hidden_dim, opts.rep_dim)
+
+    def train(self, mode: bool = True) -> None:
+        self.encoder.model.train(mode)
+        self.head.train(mode)
+
+    def pooled(self, texts: list[str]) -> torch.Tensor:
+        """meanpool(H): what the engines return for this model before the head."""
+        return self.encoder.encode(texts)
+
+    def represent(self, texts: list[str]) -> torch.Tensor:
+        """r = T(meanpool(H)): the vector the embedding job stores."""
+        return self.head.transform(self.pooled(texts))
+
+    def logits(self, rows: Rows, idx: np.ndarray, users: dict[int, str], items: dict[int, str]) -> torch.Tensor:
+        """Click logits of ``rows[idx]``, each distinct user and item text encoded once."""
+        r_u = self._represent_keys(rows.users[idx], users)
+        r_i = self._represent_keys(rows.items[idx], items)
+        return self.head(r_u, r_i)
+
+    def _represent_keys(self, keys: np.ndarray, texts: dict[int, str], batch_size: int | None = None) -> torch.Tensor:
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        step = batch_size or len(distinct)
+        reps = torch.cat([self.represent([texts[int(k)] for k in distinct[s:s + step]])
+                          for s in range(0, len(distinct), step)])
+        return reps[torch.from_numpy(inverse.reshape(-1))]
+
+    @torch.no_grad()
+    def evaluate(self, rows: Rows, users: dict[int, str], items: dict[int, str], batch_size: int = 64
+                 ) -> dict[str, float]:
+        self.train(False)
+        logits = self.head(self._represent_keys(rows.users, users, batch_size),
+                           self._represent_keys(rows.items, items, batch_size))
+        y = torch.from_numpy(rows.labels)
+        return {"auc": auc(logits, y), "logloss": logloss(torch.sigmoid(logits), y)}
+
+    def save(self, out: Path, config: HeadConfig) -> None:
+        """The encoder with LoRA merged (a plain Hugging Face model), and the head beside it."""
+        self.encoder.save(out)
+        save_head(self.head, config, out)
+
+
+def adapt(opts: AdaptOptions, progress: bool = True) -> dict:
+    """Train, evaluate and save; returns the report (also written to OUT/report.json)."""
+    opts.check()
+    if opts.out.exists() and not opts.overwrite:
+        raise FileExistsError(f"{opts.out} exists: pass another --out, or --overwrite to replace it")
+    base = resolve_model_path(opts.model)
+    torch.manual_seed(opts.seed)
+    data = PreparedData.open(opts.dataset)
+    templates = opts.templates.resolve(data)
+    users, items = entity_texts(data, templates)
+    train = sample_rows(data, "train", opts.rows, opts.seed, templates, users, items)
+    valid = sample_rows(data, "valid", opts.valid_rows, opts.seed + 1, templates, users, items)
+    for split, rows in (("train", train), ("valid", valid)):
+        if len(np.unique(rows.labels)) < 2:
+            raise DataError(f"{opts.dataset}: the {split} sample has {len(rows)} rows with labels "
+                            f"{np.unique(rows.labels).tolist()}: it needs clicks and non-clicks")
+    log.info("%d training rows (%.1f%% clicks), %d validation rows; %d users and %d items have texts", len(train),
+             100 * train.labels.mean(), len(valid), len(users), len(items))
+    model = ElecModel(base, opts)
+    log.info("model %s, %s, encoder lr %g, head lr %g", base, f"LoRA rank {opts.lora_rank}" if opts.lora else
+             "full fine-tuning", opts.encoder_lr, opts.head_lr)
+    before = model.evaluate(valid, users, items)
+    log.info("validation AUC of the language model before adaptation: %.4f (untrained head)", before["auc"])
+
+    optimizer = torch.optim.AdamW([
+        {"params": [p for p in model.encoder.model.parameters() if p.requires_grad], "lr": opts.encoder_lr},
+        {"params": model.head.parameters(), "lr": opts.head_lr}])
+    rng = np.random.default_rng(opts.seed)
+    losses: list[float] = []
+    start, seen, stopped = time.perf_counter(), 0, False
+    for epoch in range(opts.epochs):
+        model.train()
+        first_step = len(losses)
+        order = rng.permutation(len(train))
+        bar = tqdm(range(0, len(order), opts.batch_size), desc=f"ELEC adaptation {epoch + 1}/{opts.epochs}",
+                   disable=not progress, unit="step")
+        for s in bar:
+            idx = order[s:s + opts.batch_size]
+            loss = F.binary_cross_entropy_with_logits(model.logits(train, idx, users, items),
+                                                      torch.from_numpy(train.labels[idx]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(round(loss.item(), 5))
+            seen += len(idx)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", rows_s=f"{seen / elapsed:.1f}")
+            if opts.time_budget_s is not None and elapsed > opts.time_budget_s:
+                stopped = True
+                break
+        log.info("epoch %d: %d steps, mean training loss %.4f", epoch + 1, len(losses) - first_step,
+                 np.mean(losses[first_step:]))
+        if stopped:
+            log.info("time budget of %.0f s reached after %d steps (%d rows)", opts.time_budget_s, len(losses), seen)
+            break
+    train_s = time.perf_counter() - start
+    after = model.evaluate(valid, users, items)
+    log.info("validation AUC of the language model: %.4f before, %.4f after adaptation", before["auc"], after["auc"])
+
+    config = HeadConfig(input_dim=model.head.transform[0].in_features, hidden_dim=opts.hidden_dim,
+                        rep_dim=opts.rep_dim, max_length=opts.max_length, template_options=asdict(templates))
+    report = {
+        "dataset": data.schema.name, "dataset_fingerprint": data.schema.fingerprint,
+        "base_model": str(base), "base_model_name": model_name(base), "base_weights_hash": weights_hash(base),
+        "options": {k: str(v) for k, v in asdict(opts).items()}, "encoder_lr": opts.encoder_lr,
+        "template_options": asdict(templates), "train_rows": len(train), "valid_rows": len(valid),
+        "rows_trained": seen, "steps": len(losses), "epochs_started": epoch + 1, "train_seconds": train_s,
+        "rows_per_second": seen / train_s if train_s > 0 else 0.0, "stopped_by_time_budget": stopped,
+        "valid_auc_before": before["auc"], "valid_auc_after": after["auc"], "valid_logloss_before":
+        before["logloss"], "valid_logloss_after": after["logloss"], "train_loss": losses,
+        "stored_vector": STORED_VECTOR, "table_head": ELEC_TRANSFORM,
+    }
+    _save_atomically(model, config, report, opts.out)
+    log.info("adapted model saved to %s", opts.out)
+    return report
+
+
+def _save_atomically(model: ElecModel, config: HeadConfig, report: dict, out: Path) -> None:
+    """Write into a temporary sibling folder, then rename it to ``out``: a crash leaves no half-written model."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (out.parent / f".{out.name}.{what}-{os.getpid()}" for what in ("tmp", "old"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        model.save(tmp, config)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        if out.exists():  # --overwrite
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m embedding_jobs.ctr_adapt", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    d = AdaptOptions(Path(), Path(), Path())
+    p.add_argument("--dataset", type=Path, required=True, help="a prepared dataset folder (python -m recsys.prepare)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the adapted model (must not exist)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--model", type=Path, default=None,
+                   help="local Hugging Face model folder, encoder or decoder (default: the packaged MiniLM)")
+    p.add_argument("--rows", type=int, default=d.rows, help="training rows sampled (seeded; default %(default)s)")
+    p.add_argument("--valid-rows", type=int, default=d.valid_rows, help="validation rows sampled for the AUC (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the sampled rows, at most (default %(default)s)")
+    p.add_argument("--time-budget-s", type=float, default=d.time_budget_s,
+                   help="stop training after this many seconds, 0 for no limit (default %(default)s); evaluation and "
+                        "saving come on top")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="rows per step (default %(default)s)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"encoder learning rate (default: {LORA_LR:g} with LoRA, {FULL_LR:g} with --full)")
+    p.add_argument("--head-lr", type=float, default=d.head_lr,
+                   help="learning rate of the transformation MLP and the prediction layer (default %(default)s)")
+    p.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
+    p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="default %(default)s")
+    p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="hidden width of the transformation MLP (default %(default)s)")
+    p.add_argument("--rep-dim", type=int, default=d.rep_dim, help="size of the stored representation vector (default %(default)s)")
+    p.add_argument("--max-length", type=int, default=d.max_length,
+                   help="tokens per text (default %(default)s); the embedding job uses the same (a cut user text "
+                        "keeps its newest history)")
+    p.add_argument("--history-length", type=int, default=TemplateOptions.history_length,
+                   help="interactions in a user's text (default %(default)s)")
+    p.add_argument("--history-item-field", default=None,
+                   help="field that names an item in user texts (default: title if present, else item_id)")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling, initialisation and order (default %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="tracebacks and transformers' own logs")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not a.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: this machine never downloads
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    try:
+        opts = AdaptOptions(
+            dataset=a.dataset, out=a.out, model=a.model or packaged_minilm(), rows=a.rows, valid_rows=a.valid_rows,
+            epochs=a.epochs, time_budget_s=a.time_budget_s or None, batch_size=a.batch_size, lr=a.lr,
+            head_lr=a.head_lr, lora=not a.full, lora_rank=a.lora_rank, hidden_dim=a.hidden_dim, rep_dim=a.rep_dim,
+            max_length=a.max_length, templates=TemplateOptions(history_length=a.history_length,
+                                                               history_item_field=a.history_item_field),
+            trust_remote_code=a.trust_remote_code, seed=a.seed, overwrite=a.overwrite)
+        report = adapt(opts, progress=not a.no_progress)
+    except (ModelError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:
+        log.error("%s", e, exc_info=a.verbose)
+        return 2
+    print(f"ELEC adaptation: validation AUC {report['valid_auc_before']:.4f} -> {report['valid_auc_after']:.4f} "
+          f"({report['valid_rows']} rows); {report['rows_trained']} rows in {report['steps']} steps, "
+          f"{report['train_seconds']:.0f} s ({report['rows_per_second']:.1f} rows/s); model saved to {opts.out}",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
