@@ -78,7 +78,7 @@ def main() -> int:
     p.add_argument("--ablations", action="store_true",
                    help="also: injection at the logit, the untuned MiniLM's vectors, joint training")
     args = p.parse_args()
-    ds, tag = args.dataset, args.dataset.replace("-", "")
+    ds = args.dataset
     data, model = REPO / "runs" / "data" / ds, REPO / "runs" / "models" / f"{ds}-elec"
     tables, untuned = REPO / "runs" / "features" / f"{ds}-elec", REPO / "runs" / "features" / f"{ds}-untuned"
     logs = REPO / "runs" / "bench" / "logs"
