@@ -1,7 +1,8 @@
 """ELEC stage 1: the language model adapted on click labels, saved with LoRA merged, and embedded by the job.
 
 A tiny random BERT (no hub) learns a toy dataset whose label is decided by the item; the embedding job then
-stores T(meanpool(H)), which the tests recompute by hand from the saved files.
+stores T(meanpool(H)), which the tests recompute by hand from the saved files. Stage A (the head warm start on
+the frozen encoder's cached vectors) and --tune head are tested on the same toy data.
 """
 
 from __future__ import annotations
@@ -63,10 +64,24 @@ def encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def adapted(toy: Path, encoder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """LoRA without the head warm start (--head-epochs 0), so that stage B has to learn the labels itself."""
     out = tmp_path_factory.mktemp("adapted") / "elec"
     opts = AdaptOptions(dataset=toy, out=out, model=encoder, epochs=8, batch_size=16, head_lr=3e-3, time_budget_s=None,
-                        hidden_dim=32, rep_dim=REP_DIM, max_length=48)
+                        hidden_dim=32, rep_dim=REP_DIM, max_length=48, head_epochs=0)
     return out, adapt(opts, progress=False)
+
+
+HEAD_ONLY_ARGS = ["--head-epochs", "60", "--head-batch-size", "16", "--head-lr", "3e-3", "--hidden-dim", "32",
+                  "--rep-dim", str(REP_DIM), "--max-length", "48", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def head_only(toy: Path, encoder: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """--tune head from the command line: stage A only, the encoder stays the base model."""
+    out = tmp_path_factory.mktemp("head-only") / "elec"
+    assert adapt_main(["--dataset", str(toy), "--model", str(encoder), "--out", str(out), "--tune", "head",
+                       *HEAD_ONLY_ARGS]) == 0
+    return out, json.loads((out / "report.json").read_text())
 
 
 def _mean_pool(folder: Path, texts: list[str], max_length: int) -> torch.Tensor:
@@ -110,6 +125,64 @@ def test_adaptation_learns_the_toy_labels_and_writes_the_model_folder(adapted: t
     assert losses[-steps:].mean() < losses[:steps].mean() - 0.1, losses
     assert report["valid_auc_after"] > max(report["valid_auc_before"], 0.9)
     assert report["dataset"] == "tiny" and len(report["base_weights_hash"]) == 64
+    assert report["head_steps"] == 0 and report["valid_auc_head"] == report["valid_auc_before"]  # no warm start
+    assert report["rows_used"] == report["train_rows"] and report["options"]["tune"] == "lora"
+
+
+def test_report_keeps_the_keys_the_benchmark_reads(head_only: tuple[Path, dict]) -> None:
+    _, report = head_only
+    for key in ("valid_auc_before", "valid_auc_head", "valid_auc_after", "rows_used", "steps", "seconds", "options",
+                "head_texts_encoded", "head_encode_seconds", "head_train_seconds"):
+        assert key in report, key
+    assert report["seconds"] >= report["head_encode_seconds"] + report["head_train_seconds"]
+
+
+def test_head_only_learns_the_toy_labels_on_the_frozen_encoder(head_only: tuple[Path, dict], toy: Path) -> None:
+    out, report = head_only
+    assert report["tune"] == "head" and report["options"]["tune"] == "head" and report["encoder_lr"] is None
+    assert report["valid_auc_head"] > max(report["valid_auc_before"], 0.9)
+    assert report["valid_auc_after"] == report["valid_auc_head"]  # no stage B: the head's AUC is the final one
+    assert report["steps"] == report["rows_trained"] == 0 and not report["stopped_by_time_budget"]
+    assert report["head_epochs"] == 60 and report["rows_used"] == report["head_rows"] == report["train_rows"]
+    losses = [h["train_loss"] for h in report["head_history"]]
+    assert len(losses) == 60 and losses[-1] < losses[0] - 0.2, losses
+    # stage A encodes the distinct users and items of the sampled rows only, each once
+    data = PreparedData.open(toy)
+    rows = {s: data.read_split(s, ["user_id", "item_id"]) for s in ("train", "valid")}
+    n_users, n_items = (len(set().union(*(rows[s].column(c).to_pylist() for s in rows))) for c in ("user_id", "item_id"))
+    assert (report["head_users_encoded"], report["head_items_encoded"]) == (n_users, n_items)
+    assert report["head_texts_encoded"] == n_users + n_items
+    for name in ("config.json", "model.safetensors", "tokenizer.json", HEAD_CONFIG, HEAD_WEIGHTS):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_head_only_folder_stores_t_of_the_base_models_vectors(head_only: tuple[Path, dict], toy: Path,
+                                                              encoder: Path, tmp_path: Path) -> None:
+    folder, _ = head_only
+    assert embed_main(["--entity", "user", "item", "--dataset", str(toy), "--out", str(tmp_path), "--model",
+                       str(folder), "--engine", "transformers", "--batch-size", "4", "--no-progress"]) == 0
+    data = PreparedData.open(toy)
+    templates = TemplateOptions().resolve(data)
+    for entity, texts in (("user", user_texts(data, templates)), ("item", item_texts(data, templates))):
+        table = load_feature_table(tmp_path / entity, expect_fingerprint=data.schema.fingerprint, expect_entity=entity)
+        assert (table.metadata.head, table.metadata.dim) == (ELEC_TRANSFORM, REP_DIM)
+        expected = _transform_by_hand(folder, _mean_pool(encoder, texts.texts, 48))  # the base model's meanpool
+        torch.testing.assert_close(table.embeddings[texts.keys], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_stage_a_warm_starts_the_head_before_lora(toy: Path, encoder: Path, tmp_path: Path) -> None:
+    """Stage A runs first and is not limited by the time budget: the one LoRA step the budget allows starts from
+    a head that already separates the labels."""
+    report = adapt(AdaptOptions(dataset=toy, out=tmp_path / "m", model=encoder, epochs=5, batch_size=16,
+                                time_budget_s=1e-9, head_epochs=60, head_batch_size=16, head_lr=3e-3, hidden_dim=32,
+                                rep_dim=REP_DIM, max_length=32), progress=False)
+    assert report["tune"] == "lora" and report["encoder_lr"] == 5e-4
+    assert report["valid_auc_head"] > max(report["valid_auc_before"], 0.9)
+    assert report["stopped_by_time_budget"] and report["steps"] == 1 and report["rows_trained"] == 16
+    assert report["train_loss"][0] < 0.5 < report["head_history"][0]["train_loss"]  # BCE of an untrained head: ~0.69
+    assert report["valid_auc_after"] > 0.8
+    assert report["head_texts_encoded"] > 0 and report["seconds"] > report["train_seconds"]
 
 
 @pytest.mark.slow
@@ -134,7 +207,7 @@ def test_saved_model_gives_the_vectors_of_the_in_memory_lora_model(encoder: Path
     texts = ["The item is i1. The genres is Action, Comedy.", "short", "a longer text " * 10]
     with torch.no_grad():
         pooled, reps = model.pooled(texts), model.represent(texts)
-        base = ElecModel(encoder, AdaptOptions(Path(), Path(), encoder, lora=False, max_length=24)).pooled(texts)
+        base = ElecModel(encoder, AdaptOptions(Path(), Path(), encoder, tune="full", max_length=24)).pooled(texts)
     assert (pooled - base).abs().max() > 1e-2  # the adapters change the vectors
     config = HeadConfig(input_dim=128, hidden_dim=16, rep_dim=8, max_length=24)
     model.save(tmp_path, config)
@@ -198,8 +271,26 @@ def test_cli_help(capsys: pytest.CaptureFixture) -> None:
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "ELEC stage 1" in out and "T(meanpool(H))" in out
-    for option in ("--rows", "--valid-rows", "--time-budget-s", "--full", "--lora-rank", "--trust-remote-code"):
+    for option in ("--rows", "--valid-rows", "--time-budget-s", "--full", "--lora-rank", "--trust-remote-code",
+                   "--tune {lora,full,head}", "--head-epochs", "--head-batch-size", "--head-lr"):
         assert option in out
+    assert "stage B only" in out
+
+
+def test_full_is_an_alias_of_tune_full(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    seen: list[AdaptOptions] = []
+
+    def fake_adapt(opts: AdaptOptions, progress: bool) -> dict:
+        seen.append(opts)
+        raise ValueError("options seen")
+
+    monkeypatch.setattr("embedding_jobs.ctr_adapt.adapt", fake_adapt)
+    common = ["--dataset", str(tmp_path), "--out", str(tmp_path / "o"), "--model", str(tmp_path)]
+    for extra, tune in (([], "lora"), (["--full"], "full"), (["--tune", "head"], "head"), (["--tune", "full"], "full")):
+        assert adapt_main([*common, *extra]) == 2
+        assert seen[-1].tune == tune
+    assert seen[1].lora is False and seen[1].trains_encoder and not seen[2].trains_encoder
+    assert seen[1].encoder_lr == 1e-4 and seen[2].encoder_lr is None
 
 
 def test_bad_arguments_give_clear_errors(toy: Path, encoder: Path, tmp_path: Path,
@@ -223,6 +314,9 @@ def test_bad_arguments_give_clear_errors(toy: Path, encoder: Path, tmp_path: Pat
     assert "exists: pass another --out, or --overwrite" in caplog.text
     assert adapt_main(["--dataset", str(toy), "--model", str(encoder), "--rows", "0", *common, "--overwrite"]) == 2
     assert "rows must be >= 1" in caplog.text
+    assert adapt_main(["--dataset", str(toy), "--model", str(encoder), "--head-epochs", "-1", *common,
+                       "--overwrite"]) == 2
+    assert "head_epochs must be >= 0" in caplog.text
 
 
 # --- vLLM (slow: starts vLLM once) ---------------------------------------------------------------------------
