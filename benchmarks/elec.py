@@ -112,8 +112,8 @@ def report(args: argparse.Namespace, results: dict, model: Path) -> None:
     adapt = json.loads((model / "report.json").read_text())
     summary = {"dataset": args.dataset, "seeds": args.seeds, "command": "python -m benchmarks.elec "
                + " ".join(sys.argv[1:]), "config": f"benchmarks/configs/{args.dataset.replace('-', '')}.yaml",
-               "adaptation": {k: adapt.get(k) for k in ("valid_auc_before", "valid_auc_after", "rows_used",
-                                                          "steps", "seconds", "options")},
+               "adaptation": {k: adapt.get(k) for k in ("valid_auc_before", "valid_auc_head", "valid_auc_after",
+                                                          "rows_used", "steps", "seconds", "options")},
                "environment": environment(), "runs": {
                    b: {v: {k: [r[k] for r in runs] for k in ("test_auc", "test_logloss", "best_epoch")}
                        for v, runs in vs.items()} for b, vs in results.items()}}
@@ -123,9 +123,10 @@ def report(args: argparse.Namespace, results: dict, model: Path) -> None:
     lines = [f"# ELEC on {args.dataset}", "",
              f"Command: `{summary['command']}` (config `{summary['config']}`), seeds {args.seeds}. Each row is "
              "mean ± std over the seeds; a student of seed s distils the gain network of seed s.", "",
-             f"Language-model adaptation (packaged MiniLM, two towers, LoRA): validation AUC of the language model "
-             f"alone {a['valid_auc_before']} before -> {a['valid_auc_after']} after, {a['rows_used']} rows, "
-             f"{a['steps']} steps, {a['seconds']} s.", ""]
+             "Language-model adaptation (packaged MiniLM, two towers): validation AUC of the language model alone "
+             f"{_f(a['valid_auc_before'])} with an untrained head, {_f(a['valid_auc_head'])} after the head warm "
+             f"start on {a['rows_used']} rows, {_f(a['valid_auc_after'])} after {a['steps']} LoRA steps "
+             f"({a['seconds']:.0f} s in all).", ""]
     for b, vs in summary["runs"].items():
         base = mean_std(vs["base"]["test_auc"])[0]
         gain = mean_std(vs["elec_gain"]["test_auc"])[0] - base if "elec_gain" in vs else float("nan")
@@ -149,6 +150,10 @@ def report(args: argparse.Namespace, results: dict, model: Path) -> None:
     stem.with_suffix(".md").write_text("\n".join(lines))
     plot(summary, stem.with_suffix(".png"))
     print(f"wrote {stem}.md/.json/.png")
+
+
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def plot(summary: dict, path: Path) -> None:

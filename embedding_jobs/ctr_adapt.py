@@ -102,7 +102,7 @@ class AdaptOptions:
     lr: float | None = None  # encoder; None: LORA_LR with LoRA, FULL_LR with full fine-tuning
     head_lr: float = HEAD_LR  # the transformation MLP and the prediction layer, in both stages
     tune: str = "lora"  # stage B: "lora", "full" or "head" (no stage B: the encoder stays the base model)
-    head_epochs: int = 30 # stage A: passes over the sample with the frozen encoder's cached vectors (0: none)
+    head_epochs: int = 30  # stage A: passes over the sample with the frozen encoder's cached vectors (0: none)
     head_batch_size: int = 1024  # stage A: rows per step
     encode_batch_size: int = 64  # texts per forward pass when encoding without gradient (stage A, evaluation)
     lora_rank: int = 8
