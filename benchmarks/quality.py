@@ -2,6 +2,7 @@
 
     python -m benchmarks.quality --dataset ml-1m              # prepares into runs/data/ml-1m if needed
     python -m benchmarks.quality --dataset ml-100k --backbones deepfm dcnv2 --seeds 1 2 3
+    python -m benchmarks.quality --dataset ml-100k --backbones deepfm dcnv2 --variant 2ranks --ranks 2  # TorchX
 
 Each run is ``python -m recsys.train --config benchmarks/configs/<dataset>.yaml`` with the backbone and
 seed overridden, in its own process; its run folder (config, metrics, curves, logs) stays under
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -22,19 +24,25 @@ from benchmarks.common import REPO, RESULTS, environment, fmt, mean_std, python,
 BACKBONES = ["fm", "deepfm", "dcnv2", "autoint", "finalmlp", "wukong"]
 
 
-def run_one(dataset: str, backbone: str, seed: int, extra: list[str], variant: str = "base") -> dict:
+def run_one(dataset: str, backbone: str, seed: int, extra: list[str], variant: str = "base", ranks: int = 1) -> dict:
+    """One training run in its own process; with ``ranks`` > 1 through TorchX (``train_local -j 1xRANKS``)."""
     tag = dataset.replace("-", "")
     name = f"{tag}_{backbone}_s{seed}" if variant == "base" else f"{tag}_{backbone}_{variant}_s{seed}"
     out = REPO / "runs" / "bench" / name
     if (out / "test_metrics.json").is_file():
         return json.loads((out / "test_metrics.json").read_text())
     extra = [o.format(backbone=backbone, seed=seed, tag=tag) for o in extra]  # e.g. a teacher run per seed
-    cmd = [python(), "-m", "recsys.train", "--config", f"benchmarks/configs/{tag}.yaml", f"name={name}",
-           f"model.backbone={backbone}", f"train.seed={seed}", "train.progress=false", *extra]
+    settings = [f"name={name}", f"model.backbone={backbone}", f"train.seed={seed}", "train.progress=false", *extra]
+    cmd = [python(), "-m", "recsys.train", "--config", f"benchmarks/configs/{tag}.yaml", *settings]
+    bin_dir = str(Path(python()).parent)
+    if ranks > 1:
+        cmd = [f"{bin_dir}/torchx", "run", "-s", "local_cwd", "launch/components.py:train_local", "--config",
+               f"benchmarks/configs/{tag}.yaml", "-j", f"1x{ranks}", *settings]
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}  # torchx's local_cwd runs `python` from PATH
     with open(out / "train.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed; see {out / 'train.log'}")
     result = json.loads((out / "test_metrics.json").read_text())
@@ -70,6 +78,7 @@ def main() -> int:
     p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], required=True)
     p.add_argument("--backbones", nargs="+", default=BACKBONES, choices=BACKBONES)
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--ranks", type=int, default=1, help="gloo ranks per run; above 1 each run goes through TorchX")
     p.add_argument("--variant", default="base",
                    help="a name for what the overrides change (e.g. llactr); results go to quality_<dataset>_<variant>")
     p.add_argument("overrides", nargs="*",
@@ -85,7 +94,7 @@ def main() -> int:
                "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:]),
                "environment": environment(), "backbones": {}}
     for backbone in args.backbones:
-        runs = [run_one(args.dataset, backbone, s, args.overrides, args.variant) for s in args.seeds]
+        runs = [run_one(args.dataset, backbone, s, args.overrides, args.variant, args.ranks) for s in args.seeds]
         summary["backbones"][backbone] = {k: [r[k] for r in runs] for k in
                                           ("test_auc", "test_logloss", "valid_auc", "best_epoch",
                                            "train_samples_per_s")}
