@@ -53,6 +53,7 @@ over the attention mask, not L2-normalised, then T; dim = --rep-dim; metadata he
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -102,7 +103,7 @@ class AdaptOptions:
     lr: float | None = None  # encoder; None: LORA_LR with LoRA, FULL_LR with full fine-tuning
     head_lr: float = HEAD_LR  # the transformation MLP and the prediction layer, in both stages
     tune: str = "lora"  # stage B: "lora", "full" or "head" (no stage B: the encoder stays the base model)
-    head_epochs: int = 30  # stage A: passes over the sample with the frozen encoder's cached vectors (0: none)
+    head_epochs: int = 20  # stage A: passes over the sample with the frozen encoder's cached vectors (0: none)
     head_batch_size: int = 1024  # stage A: rows per step
     encode_batch_size: int = 64  # texts per forward pass when encoding without gradient (stage A, evaluation)
     lora_rank: int = 8
@@ -302,6 +303,7 @@ def warm_start_head(model: ElecModel, train: Rows, valid: Rows, users: dict[int,
     rng = np.random.default_rng([opts.seed, 1])
     pos_u, pos_i, y = u.positions(train.users), i.positions(train.items), torch.from_numpy(train.labels)
     history, steps, head = [], 0, before
+    best_auc, best_epoch, best_state = before["auc"], 0, copy.deepcopy(model.head.state_dict())
     for epoch in range(opts.head_epochs):
         model.head.train()
         order = torch.from_numpy(rng.permutation(len(train)))
@@ -321,13 +323,21 @@ def warm_start_head(model: ElecModel, train: Rows, valid: Rows, users: dict[int,
                         "valid_auc": round(head["auc"], 5), "valid_logloss": round(head["logloss"], 5)})
         log.info("stage A epoch %d/%d: training loss %.4f, validation AUC %.4f", epoch + 1, opts.head_epochs,
                  total / len(train), head["auc"])
+        if head["auc"] >= best_auc:  # on a tie the later, better-fitted head
+            best_auc, best_epoch, best_state = head["auc"], epoch + 1, copy.deepcopy(model.head.state_dict())
+    # the head overfits the sample's texts within a few passes: keep the epoch with the best validation AUC
+    model.head.load_state_dict(best_state)
+    if opts.head_epochs:
+        head = model.evaluate_cached(valid, u, i)
+        log.info("stage A: keeping the head of epoch %d (best validation AUC)", best_epoch)
     head_s = time.perf_counter() - start
     log.info("stage A: head trained on %d rows x %d epochs (%d steps) in %.1f s; validation AUC %.4f -> %.4f",
              len(train), opts.head_epochs, steps, head_s, before["auc"], head["auc"])
     stats = {"head_texts_encoded": n_users + n_items, "head_users_encoded": n_users, "head_items_encoded": n_items,
              "head_encode_seconds": encode_s, "head_texts_per_second": (n_users + n_items) / max(encode_s, 1e-9),
              "head_epochs": opts.head_epochs, "head_rows": len(train) if opts.head_epochs else 0,
-             "head_steps": steps, "head_train_seconds": head_s, "head_history": history}
+             "head_steps": steps, "head_train_seconds": head_s, "head_best_epoch": best_epoch,
+             "head_history": history}
     return {"before": before, "head": head, "users": u, "items": i, "stats": stats}
 
 
@@ -400,9 +410,21 @@ def adapt(opts: AdaptOptions, progress: bool = True) -> dict:
 
     stage_a = warm_start_head(model, train, valid, users, items, opts, progress)
     before, head = stage_a["before"], stage_a["head"]
+    kept = "head"
     if opts.trains_encoder:
+        head_state = copy.deepcopy(model.head.state_dict())
         stage_b = train_encoder(model, train, users, items, opts, progress)
         after = model.evaluate(valid, users, items, opts.encode_batch_size, progress)
+        kept = "encoder"
+        if after["auc"] < head["auc"]:
+            # model selection on validation, as for the head's epochs: fine-tuning that made the language
+            # model worse is dropped; the saved encoder is then the base model, with the warm-started head
+            log.warning("stage B lowered the validation AUC (%.4f -> %.4f): keeping the base encoder and the "
+                        "stage A head", head["auc"], after["auc"])
+            model.encoder = PooledEncoder(base, opts.max_length, None, pooling=Pooling.MEAN, normalize=False,
+                                          trust_remote_code=opts.trust_remote_code)
+            model.head.load_state_dict(head_state)
+            after, kept = head, "head"
     else:  # the encoder is the frozen base model: the cached vectors are its vectors, the head is final
         stage_b = {"losses": [], "seen": 0, "stopped": False, "epochs_started": 0, "seconds": 0.0}
         after = head
@@ -426,6 +448,7 @@ def adapt(opts: AdaptOptions, progress: bool = True) -> dict:
         "valid_logloss_before": before["logloss"], "valid_logloss_head": head["logloss"],
         "valid_logloss_after": after["logloss"], "train_loss": stage_b["losses"], **stage_a["stats"],
         "stored_vector": STORED_VECTOR, "table_head": ELEC_TRANSFORM,
+        "kept": kept,  # encoder: the fine-tuned encoder; head: the base encoder (stage B did not help, or none)
     }
     report["seconds"] = time.perf_counter() - run_start  # the whole run: loading, both stages, evaluation
     _save_atomically(model, config, report, opts.out)
