@@ -93,7 +93,8 @@ def main() -> int:
     todo = variants(tables)
     if args.ablations:
         step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
-              str(untuned), "--engine", args.engine, "--no-progress"], untuned / "item" / "table.parquet",
+              str(untuned), "--engine", args.engine, "--no-history-outcomes", "--no-progress"],
+             untuned / "item" / "table.parquet",
              logs / f"embed_{ds}_untuned.log")
         todo.update(ablations(tables, untuned))
 

@@ -110,7 +110,9 @@ class AdaptOptions:
     hidden_dim: int = 256
     rep_dim: int = 64
     max_length: int = 128  # tokens per text (CPU-friendly); the embedding job cuts at the same length
-    templates: TemplateOptions = TemplateOptions()
+    # no outcomes in the user texts: they are built from training rows, so outcomes would hand the model the
+    # labels of the very rows it trains on (measured: the gain network then fell far below the base)
+    templates: TemplateOptions = TemplateOptions(history_outcomes=False)
     trust_remote_code: bool = False
     seed: int = 0
     overwrite: bool = False
@@ -519,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="interactions in a user's text (default %(default)s)")
     p.add_argument("--history-item-field", default=None,
                    help="field that names an item in user texts (default: title if present, else item_id)")
+    p.add_argument("--history-outcomes", action=argparse.BooleanOptionalAction, default=False,
+                   help="name each history item's rating in the user texts (default: off, because user texts are "
+                        "built from training rows and would leak their labels into training)")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
     p.add_argument("--seed", type=int, default=d.seed, help="sampling, initialisation and order (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -538,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
             head_lr=a.head_lr, tune=a.tune, head_epochs=a.head_epochs, head_batch_size=a.head_batch_size,
             encode_batch_size=a.encode_batch_size, lora_rank=a.lora_rank, hidden_dim=a.hidden_dim, rep_dim=a.rep_dim,
             max_length=a.max_length, templates=TemplateOptions(history_length=a.history_length,
-                                                               history_item_field=a.history_item_field),
+                                                               history_item_field=a.history_item_field,
+                                                               history_outcomes=a.history_outcomes),
             trust_remote_code=a.trust_remote_code, seed=a.seed, overwrite=a.overwrite)
         report = adapt(opts, progress=not a.no_progress)
     except (ModelError, DataError, FileNotFoundError, FileExistsError, ValueError) as e:

@@ -70,6 +70,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--history-item-field", default=None,
                    help="field that names an item in user texts (default: title if present, else item_id; or the "
                         "one an ELEC-adapted model was trained with)")
+    p.add_argument("--history-outcomes", action=argparse.BooleanOptionalAction, default=None,
+                   help="name each history item's rating or click in user texts (default: yes; or as an "
+                        "ELEC-adapted model was trained, which is without)")
     p.add_argument("--shard", type=int, default=0, help="this process's shard, 0..N-1")
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--gpu-memory-utilization", type=float, default=VLLMOptions.gpu_memory_utilization,
@@ -91,7 +94,8 @@ def template_options(args: argparse.Namespace, head: HeadConfig | None) -> Templ
     """The command line's template options; for an ELEC-adapted model, those of its training where not given."""
     trained = TemplateOptions(**head.template_options) if head else TemplateOptions()
     options = replace(trained, **{k: v for k, v in (("history_length", args.history_length),
-                                                    ("history_item_field", args.history_item_field)) if v is not None})
+                                                    ("history_item_field", args.history_item_field),
+                                                    ("history_outcomes", args.history_outcomes)) if v is not None})
     if head and options != trained:
         log.warning("the model was adapted on user texts made with %s, this job makes them with %s: the vectors "
                     "will not be the ones it was trained with", trained, options)

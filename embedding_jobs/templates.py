@@ -40,7 +40,7 @@ from recsys.data.schema import FIRST_ID, Entity, FieldKind, PreparedField
 from recsys.data.sources import DataError
 from recsys.features.table import FIELD_TABLE, FeatureEntity
 
-TEMPLATE_VERSION = 1
+TEMPLATE_VERSION = 2  # 2: history_outcomes (user texts without ratings)
 
 FIELD_TEMPLATE = "{name}: {description}."
 # The field is named by its description, not its column name: "the movie's genres" tells the model what
@@ -53,6 +53,8 @@ SENTENCE_SEPARATOR = " "
 HISTORY_TEMPLATE = "{header}: {items}."
 HISTORY_HEADER_TIMED = "Recently rated, most recent first"
 HISTORY_HEADER_UNTIMED = "Rated"  # no timestamps: the training file's order, which is not time
+HISTORY_HEADER_TIMED_PLAIN = "Recently watched, most recent first"  # history_outcomes off: items only
+HISTORY_HEADER_UNTIMED_PLAIN = "Watched"
 HISTORY_ITEM_RATED = "{item} (rated {rating})"
 HISTORY_ITEM_CLICKED = "{item} ({outcome})"  # when the dataset has no rating column
 CLICK_OUTCOMES = ("not clicked", "clicked")
@@ -61,7 +63,8 @@ HISTORY_SEPARATOR = "; "
 TEMPLATES = {
     "field": FIELD_TEMPLATE, "feature": FEATURE_TEMPLATE, "value_separator": VALUE_SEPARATOR,
     "sentence_separator": SENTENCE_SEPARATOR, "history": HISTORY_TEMPLATE, "history_timed": HISTORY_HEADER_TIMED,
-    "history_untimed": HISTORY_HEADER_UNTIMED, "history_rated": HISTORY_ITEM_RATED,
+    "history_untimed": HISTORY_HEADER_UNTIMED, "history_timed_plain": HISTORY_HEADER_TIMED_PLAIN,
+    "history_untimed_plain": HISTORY_HEADER_UNTIMED_PLAIN, "history_rated": HISTORY_ITEM_RATED,
     "history_clicked": HISTORY_ITEM_CLICKED, "click_outcomes": list(CLICK_OUTCOMES),
     "history_separator": HISTORY_SEPARATOR,
 }
@@ -75,6 +78,10 @@ class TemplateOptions:
     # How an interacted item is named in a user's text. None: the field ``title`` where the dataset has
     # one, else the item key field.
     history_item_field: str | None = None
+    # Whether the history names each interaction's outcome (rating or click). A model trained on labels
+    # with such user texts sees the training rows' own labels in them (a user's text is built from training
+    # rows, and precomputed once per user): ELEC's adaptation turns this off.
+    history_outcomes: bool = True
 
     def resolve(self, data: PreparedData) -> TemplateOptions:
         """The options with the default history field filled in, so the template hash records it."""
@@ -197,7 +204,8 @@ def user_texts(data: PreparedData, options: TemplateOptions) -> TextTable:
     ends = np.r_[starts[1:], len(users)]
     outcomes = train.column(outcome).to_numpy()
     item_values = train.column(item_field.name)
-    header = HISTORY_HEADER_TIMED if timed else HISTORY_HEADER_UNTIMED
+    header = ((HISTORY_HEADER_TIMED if timed else HISTORY_HEADER_UNTIMED) if options.history_outcomes else
+              (HISTORY_HEADER_TIMED_PLAIN if timed else HISTORY_HEADER_UNTIMED_PLAIN))
 
     by_user: dict[int, str] = {}
     for start, end in zip(starts, ends, strict=True):
@@ -210,7 +218,9 @@ def user_texts(data: PreparedData, options: TemplateOptions) -> TextTable:
             name = _format_value(data, item_field, item_values[int(r)].as_py())
             if name is None:
                 continue  # the unknown item: nothing to say about it
-            if outcome == "rating":
+            if not options.history_outcomes:
+                items.append(name)
+            elif outcome == "rating":
                 items.append(HISTORY_ITEM_RATED.format(item=name, rating=f"{float(outcomes[r]):g}"))
             else:
                 items.append(HISTORY_ITEM_CLICKED.format(item=name, outcome=CLICK_OUTCOMES[int(outcomes[r] > 0.5)]))

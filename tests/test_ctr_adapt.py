@@ -163,7 +163,7 @@ def test_head_only_folder_stores_t_of_the_base_models_vectors(head_only: tuple[P
     assert embed_main(["--entity", "user", "item", "--dataset", str(toy), "--out", str(tmp_path), "--model",
                        str(folder), "--engine", "transformers", "--batch-size", "4", "--no-progress"]) == 0
     data = PreparedData.open(toy)
-    templates = TemplateOptions().resolve(data)
+    templates = TemplateOptions(history_outcomes=False).resolve(data)
     for entity, texts in (("user", user_texts(data, templates)), ("item", item_texts(data, templates))):
         table = load_feature_table(tmp_path / entity, expect_fingerprint=data.schema.fingerprint, expect_entity=entity)
         assert (table.metadata.head, table.metadata.dim) == (ELEC_TRANSFORM, REP_DIM)
@@ -228,7 +228,7 @@ def test_embedding_job_stores_the_transformed_representation(adapted: tuple[Path
             "transformers", "--batch-size", "4", "--no-progress"]
     assert embed_main(["--entity", "user", "item", *args]) == 0
     data = PreparedData.open(toy)
-    templates = TemplateOptions().resolve(data)
+    templates = TemplateOptions(history_outcomes=False).resolve(data)
     for entity, texts in (("user", user_texts(data, templates)), ("item", item_texts(data, templates))):
         table = load_feature_table(tmp_path / "tables" / entity, expect_fingerprint=data.schema.fingerprint,
                                    expect_entity=entity)
@@ -330,7 +330,7 @@ def test_vllm_engine_stores_the_same_vectors(adapted: tuple[Path, dict], toy: Pa
 
     folder, _ = adapted
     data = PreparedData.open(toy)
-    texts = item_texts(data, TemplateOptions().resolve(data)).texts
+    texts = item_texts(data, TemplateOptions(history_outcomes=False).resolve(data)).texts
     expected = TransformersEngine(EngineOptions(model=folder)).embed(texts)
     engine = VLLMEngine(EngineOptions(model=folder), VLLMOptions(gpu_memory_utilization=0.1))
     try:

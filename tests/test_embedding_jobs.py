@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,10 @@ def test_user_texts_without_a_title_field_name_items_by_id(tiny_prepared) -> Non
     assert options.history_item_field == "item_id"
     table = user_texts(data, options)
     assert any(re.search(r"most recent first: i\d \(rated \d\); i\d \(rated \d\)\.$", t) for t in table.texts)
+    # without outcomes (ELEC's adaptation): the same items, and no rating anywhere
+    plain = user_texts(data, replace(options, history_outcomes=False))
+    assert not any("rated" in t for t in plain.texts)
+    assert any(re.search(r"Recently watched, most recent first: i\d; i\d\.$", t) for t in plain.texts)
 
 
 def test_template_hash_follows_the_options_that_shape_the_texts() -> None:
