@@ -51,6 +51,7 @@ def ablations(tables: Path, untuned: Path) -> dict[str, list[str]]:
         "elec_gain_logit": [*gain, "method.elec.inject=logit"],  # late fusion instead of extra fields
         "elec_gain_untuned": ["method.name=elec_gain", f"method.elec.user_table={untuned / 'user'}",
                               f"method.elec.item_table={untuned / 'item'}"],  # the packaged MiniLM as is
+        "elec_gain_items": ["method.name=elec_gain", f"method.elec.item_table={tables / 'item'}"],  # no user side
         "elec_joint_both": ["method.name=elec_student", "method.elec.mode=joint", *gain[1:],
                             "method.elec.score_weight=1", "method.elec.rep_weight=1"],
     }

@@ -183,7 +183,7 @@ def test_bad_teacher_runs_fail_before_training(ml100k_tables, gain_run, tmp_path
     run, _ = gain_run
     with pytest.raises(ConfigError, match="not a finished gain-network run"):
         Trainer(_cfg(data, tmp_path, "s", "method.name=elec_student", f"method.elec.teacher_run={tmp_path}"))
-    with pytest.raises(ConfigError, match="user_table"):
+    with pytest.raises(ConfigError, match="user_table and method.elec.item_table are both unset"):
         Trainer(_cfg(data, tmp_path, "g", "method.name=elec_gain"))
     with pytest.raises(ConfigError, match="inject"):
         Trainer(_cfg(data, tmp_path, "g", "method.name=elec_gain", "method.elec.inject=middle"))

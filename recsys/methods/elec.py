@@ -46,7 +46,7 @@ SCORE_LOSSES = ("kl", "mse")
 class ELECConfig:
     # gain network
     user_table: str = ""  # feature table of adapted user vectors (python -m embedding_jobs.run --entity user)
-    item_table: str = ""  # feature table of adapted item vectors
+    item_table: str = ""  # feature table of adapted item vectors (either table may be left out)
     inject: str = "fields"  # fields: two extra fields (interaction + deep input); logit: late fusion MLP
     # student
     mode: str = "two_stage"  # two_stage: distil a finished gain run (teacher_run); joint: train both together

@@ -60,6 +60,8 @@ def _lm_vectors(schema: PreparedSchema, cfg: ExperimentConfig):
 
     tables, masks = {}, {}
     for entity, path in (("user", cfg.method.elec.user_table), ("item", cfg.method.elec.item_table)):
+        if not path:  # one side alone is allowed (an ablation, or a dataset with item texts only)
+            continue
         table = load_feature_table(path, expect_fingerprint=schema.fingerprint, expect_entity=entity)
         name = table.metadata.table
         try:
@@ -124,11 +126,13 @@ def check_method(cfg: ExperimentConfig, schema: PreparedSchema | None = None) ->
     if problems:
         raise ConfigError("; ".join(problems))
     needs_tables = name == "elec_gain" or (e.distils and e.mode == "joint")
+    hint = ("make it with `python -m embedding_jobs.run --entity user item --model ADAPTED_MODEL ...` "
+            "(ADAPTED_MODEL from `python -m embedding_jobs.ctr_adapt`)")
+    if needs_tables and not (e.user_table or e.item_table):
+        raise ConfigError(f"method.elec.user_table and method.elec.item_table are both unset; {hint}")
     for key in ("user_table", "item_table") if needs_tables else ():
-        if not getattr(e, key) or not Path(getattr(e, key)).exists():
-            raise ConfigError(f"method.elec.{key}={getattr(e, key)!r} does not exist; make it with "
-                              "`python -m embedding_jobs.run --entity user|item --model ADAPTED_MODEL ...` "
-                              "(ADAPTED_MODEL from `python -m embedding_jobs.ctr_adapt`)")
+        if getattr(e, key) and not Path(getattr(e, key)).exists():
+            raise ConfigError(f"method.elec.{key}={getattr(e, key)!r} does not exist; {hint}")
     if name == "elec_student" and e.distils and e.mode == "two_stage":
         run = Path(e.teacher_run) if e.teacher_run else None
         if run is None or not (run / "test_metrics.json").is_file() or not (run / "checkpoints" / "best").is_dir():
