@@ -77,7 +77,8 @@ def main() -> int:
     p.add_argument("--adapt-rows", type=int, default=20000)
     p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
     p.add_argument("--ablations", action="store_true",
-                   help="also: injection at the logit, the untuned MiniLM's vectors, joint training")
+                   help="also: injection at the logit, item vectors only, the untuned MiniLM's vectors, joint training")
+    p.add_argument("--ablation-backbones", nargs="+", default=["deepfm"], help="the backbones the ablations run on")
     args = p.parse_args()
     ds = args.dataset
     data, model = REPO / "runs" / "data" / ds, REPO / "runs" / "models" / f"{ds}-elec"
@@ -91,18 +92,18 @@ def main() -> int:
     step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
           str(tables), "--model", str(model), "--engine", args.engine, "--no-progress"],
          tables / "item" / "table.parquet", logs / f"embed_{ds}.log")
-    todo = variants(tables)
+    todo, extra = variants(tables), {}
     if args.ablations:
         step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
               str(untuned), "--engine", args.engine, "--no-history-outcomes", "--no-progress"],
              untuned / "item" / "table.parquet",
              logs / f"embed_{ds}_untuned.log")
-        todo.update(ablations(tables, untuned))
+        extra = ablations(tables, untuned)
 
     results: dict[str, dict[str, list[dict]]] = {}
     for backbone in args.backbones:
         results[backbone] = {}
-        for variant, overrides in todo.items():
+        for variant, overrides in {**todo, **(extra if backbone in args.ablation_backbones else {})}.items():
             runs = [run_one(ds, backbone, s, overrides, variant) for s in args.seeds]
             results[backbone][variant] = runs
             print(f"{backbone:<7} {variant:<20} test AUC {fmt([r['test_auc'] for r in runs])}", flush=True)
