@@ -29,6 +29,7 @@ from benchmarks.quality import run_one
 
 TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_s{seed}"
 STUDENT = ["method.name=elec_student", TEACHER]
+ITEMS_TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_items_s{seed}"
 
 
 def variants(tables: Path) -> dict[str, list[str]]:
@@ -52,9 +53,21 @@ def ablations(tables: Path, untuned: Path) -> dict[str, list[str]]:
         "elec_gain_untuned": ["method.name=elec_gain", f"method.elec.user_table={untuned / 'user'}",
                               f"method.elec.item_table={untuned / 'item'}"],  # the packaged MiniLM as is
         "elec_gain_items": ["method.name=elec_gain", f"method.elec.item_table={tables / 'item'}"],  # no user side
+        # students of the item-only gain network (user texts built from training rows shift between training
+        # and test; catalogue texts do not)
+        **{f"elec_items_student_{k}": ["method.name=elec_student", ITEMS_TEACHER, *w]
+           for k, w in (("score", ["method.elec.score_weight=1", "method.elec.rep_weight=0"]),
+                        ("rep", ["method.elec.score_weight=0", "method.elec.rep_weight=1"]),
+                        ("both", ["method.elec.score_weight=1", "method.elec.rep_weight=1"]))},
         "elec_joint_both": ["method.name=elec_student", "method.elec.mode=joint", *gain[1:],
                             "method.elec.score_weight=1", "method.elec.rep_weight=1"],
     }
+
+
+def _done(ds: str, backbone: str, seed: int, variant: str) -> bool:
+    tag = ds.replace("-", "")
+    name = f"{tag}_{backbone}_s{seed}" if variant == "base" else f"{tag}_{backbone}_{variant}_s{seed}"
+    return (REPO / "runs" / "bench" / name / "test_metrics.json").is_file()
 
 
 def step(cmd: list[str], done: Path, log: Path) -> None:
@@ -78,6 +91,8 @@ def main() -> int:
     p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
     p.add_argument("--ablations", action="store_true",
                    help="also: injection at the logit, item vectors only, the untuned MiniLM's vectors, joint training")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: rewrite the report from the finished runs (variants with missing runs are left out)")
     p.add_argument("--ablation-backbones", nargs="+", default=["deepfm"], help="the backbones the ablations run on")
     args = p.parse_args()
     ds = args.dataset
@@ -104,6 +119,8 @@ def main() -> int:
     for backbone in args.backbones:
         results[backbone] = {}
         for variant, overrides in {**todo, **(extra if backbone in args.ablation_backbones else {})}.items():
+            if args.report_only and not all(_done(ds, backbone, s, variant) for s in args.seeds):
+                continue
             runs = [run_one(ds, backbone, s, overrides, variant) for s in args.seeds]
             results[backbone][variant] = runs
             print(f"{backbone:<7} {variant:<20} test AUC {fmt([r['test_auc'] for r in runs])}", flush=True)
