@@ -91,6 +91,8 @@ def main() -> int:
     p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
     p.add_argument("--ablations", action="store_true",
                    help="also: injection at the logit, item vectors only, the untuned MiniLM's vectors, joint training")
+    p.add_argument("--skip", nargs="*", default=[], metavar="VARIANT",
+                   help="variants not to train (e.g. elec_student_alone, which equals the base by construction)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rewrite the report from the finished runs (variants with missing runs are left out)")
     p.add_argument("--ablation-backbones", nargs="+", default=["deepfm"], help="the backbones the ablations run on")
@@ -119,7 +121,7 @@ def main() -> int:
     for backbone in args.backbones:
         results[backbone] = {}
         for variant, overrides in {**todo, **(extra if backbone in args.ablation_backbones else {})}.items():
-            if args.report_only and not all(_done(ds, backbone, s, variant) for s in args.seeds):
+            if variant in args.skip or args.report_only and not all(_done(ds, backbone, s, variant) for s in args.seeds):
                 continue
             runs = [run_one(ds, backbone, s, overrides, variant) for s in args.seeds]
             results[backbone][variant] = runs
