@@ -80,7 +80,7 @@ def main() -> int:
     encoder.model.eval()
     head = load_head(lm_folder, head_cfg)
     templates = TemplateOptions(**head_cfg.template_options)
-    users, items = entity_texts(PreparedData(data), templates)
+    users, items = entity_texts(PreparedData.open(data), templates)
 
     @torch.no_grad()
     def gain_score(batch) -> torch.Tensor:
