@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import REPO, RESULTS, environment, fmt, mean_std, python, write_json
-from benchmarks.quality import run_one
+from benchmarks.quality import run_name, run_one
 
 TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_s{seed}"
 STUDENT = ["method.name=elec_student", TEACHER]
@@ -65,9 +65,7 @@ def ablations(tables: Path, untuned: Path) -> dict[str, list[str]]:
 
 
 def _done(ds: str, backbone: str, seed: int, variant: str) -> bool:
-    tag = ds.replace("-", "")
-    name = f"{tag}_{backbone}_s{seed}" if variant == "base" else f"{tag}_{backbone}_{variant}_s{seed}"
-    return (REPO / "runs" / "bench" / name / "test_metrics.json").is_file()
+    return (REPO / "runs" / "bench" / run_name(ds, backbone, seed, variant) / "test_metrics.json").is_file()
 
 
 def step(cmd: list[str], done: Path, log: Path) -> None:

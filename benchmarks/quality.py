@@ -24,10 +24,16 @@ from benchmarks.common import REPO, RESULTS, environment, fmt, mean_std, python,
 BACKBONES = ["fm", "deepfm", "dcnv2", "autoint", "finalmlp", "wukong"]
 
 
+def run_name(dataset: str, backbone: str, seed: int, variant: str = "base") -> str:
+    """The run folder's name under runs/bench/: <tag>_<backbone>[_<variant>]_s<seed>."""
+    tag = dataset.replace("-", "")
+    return f"{tag}_{backbone}_s{seed}" if variant == "base" else f"{tag}_{backbone}_{variant}_s{seed}"
+
+
 def run_one(dataset: str, backbone: str, seed: int, extra: list[str], variant: str = "base", ranks: int = 1) -> dict:
     """One training run in its own process; with ``ranks`` > 1 through TorchX (``train_local -j 1xRANKS``)."""
     tag = dataset.replace("-", "")
-    name = f"{tag}_{backbone}_s{seed}" if variant == "base" else f"{tag}_{backbone}_{variant}_s{seed}"
+    name = run_name(dataset, backbone, seed, variant)
     out = REPO / "runs" / "bench" / name
     if (out / "test_metrics.json").is_file():
         return json.loads((out / "test_metrics.json").read_text())
