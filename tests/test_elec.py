@@ -252,3 +252,24 @@ def test_export_refuses_a_gain_network_and_bad_requests_are_named(ml100k_tables,
         score_file(model, tmp_path / "missing.parquet", tmp_path / "s.parquet", progress=False)
     with pytest.raises(FileNotFoundError, match="exported model"):
         load_exported(tmp_path)
+
+
+def test_a_plain_model_can_teach_as_the_control(ml100k_tables, tmp_path):
+    """Distillation from the base model itself: what the student gains without any language model."""
+    from recsys.train.config import ConfigError
+    from recsys.train.trainer import Trainer
+
+    data, _, _ = ml100k_tables
+    Trainer(_cfg(data, tmp_path, "base", "train.max_steps_per_epoch=4")).fit()
+    trainer = Trainer(_cfg(data, tmp_path, "s", "method.name=elec_student", f"method.elec.teacher_run={tmp_path / 'base'}",
+                           "method.elec.rep_weight=1"))
+    assert type(trainer.model.module.teacher).__name__ == "CTRTask"
+    assert trainer.fit()["test_auc"] > 0.6
+    (tmp_path / "cfg.yaml").write_text((tmp_path / "base" / "config.yaml").read_text().replace("name: none",
+                                                                                              "name: llactr"))
+    with pytest.raises(ConfigError, match="a teacher is a gain network"):
+        fake = tmp_path / "fake"
+        (fake / "checkpoints" / "best").mkdir(parents=True)
+        (fake / "config.yaml").write_text((tmp_path / "cfg.yaml").read_text())
+        (fake / "test_metrics.json").write_text((tmp_path / "base" / "test_metrics.json").read_text())
+        Trainer(_cfg(data, tmp_path, "s2", "method.name=elec_student", f"method.elec.teacher_run={fake}"))

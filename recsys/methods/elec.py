@@ -182,10 +182,14 @@ class ELECGainTask(nn.Module):
 class ELECStudentTask(nn.Module):
     """The student backbone (``model``: tabular input only) distilled from a gain network (``teacher``).
 
+    The teacher is any task with ``output(batch) -> CTROutput`` and a ``model`` backbone: an
+    :class:`ELECGainTask`, or a plain ``CTRTask`` as the control that separates what the language model adds
+    from what distillation alone does.
+
     With no teacher (both distillation weights zero) this is exactly the base model's BCE training.
     """
 
-    def __init__(self, model: Backbone, teacher: ELECGainTask | None, cfg: ELECConfig,
+    def __init__(self, model: Backbone, teacher: nn.Module | None, cfg: ELECConfig,
                  device: torch.device | None = None) -> None:
         super().__init__()
         if cfg.distils and teacher is None:

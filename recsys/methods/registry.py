@@ -96,7 +96,9 @@ def _elec_student(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.d
     from recsys.methods.elec import ELECStudentTask
 
     e = cfg.method.elec
-    teacher = _elec_gain(schema, teacher_config(cfg), device) if e.distils else None
+    # a gain network; in two-stage mode a plain model's run also works (the control: distillation without
+    # any language model)
+    teacher = build_task(schema, teacher_config(cfg), device) if e.distils else None
     task = ELECStudentTask(_backbone(schema, cfg, device), teacher, e)
     if teacher is not None and e.mode == "two_stage":
         # the trainer loads these weights after sharding (unless it resumes the student's own run)
@@ -140,8 +142,9 @@ def check_method(cfg: ExperimentConfig, schema: PreparedSchema | None = None) ->
                               "(it needs config.yaml, checkpoints/best and test_metrics.json); train one with "
                               "method.name=elec_gain, or use method.elec.mode=joint")
         teacher = load_config(run / "config.yaml")
-        if teacher.method.name != "elec_gain":
-            raise ConfigError(f"{run} trained method {teacher.method.name!r}, not elec_gain: it is not a gain network")
+        if teacher.method.name not in ("elec_gain", "none"):
+            raise ConfigError(f"{run} trained method {teacher.method.name!r}: a teacher is a gain network "
+                              "(elec_gain) or, as a control, a plain model (none)")
         done = json.loads((run / "test_metrics.json").read_text())
         if schema is not None and done.get("fingerprint") != schema.fingerprint:
             raise ConfigError(f"{run} was trained on dataset {done.get('dataset')!r} (fingerprint "

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.data.batch import Batch
-from recsys.models.base import Backbone
+from recsys.models.base import Backbone, CTROutput
 
 TaskOutput = tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -34,6 +34,10 @@ class CTRTask(nn.Module):
     def __init__(self, model: Backbone) -> None:
         super().__init__()
         self.model = model
+
+    def output(self, batch: Batch) -> CTROutput:
+        """The backbone's whole output (a teacher's representation too)."""
+        return self.model(batch)
 
     def score(self, batch: Batch) -> torch.Tensor:
         """The served logit."""
