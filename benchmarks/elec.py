@@ -10,7 +10,8 @@ Steps, each skipped when its output exists (rerun to resume):
 2. embed users and items with it (``embedding_jobs.run``, vLLM engine) -> runs/features/<ds>-elec/{user,item};
 3. train, per backbone and seed (``benchmarks.quality``'s runs, config benchmarks/configs/<ds>.yaml):
    ``base``; ``elec_gain``; ``elec_student_{score,rep,both}`` from that seed's gain network (two-stage);
-   ``elec_student_alone`` (no distillation: must equal the base exactly).
+   ``elec_student_alone`` (no distillation: must equal the base exactly); ``control_student_score`` (score
+   distillation from the base model of the same seed: what distillation does without any language model).
 
 The table goes to benchmarks/results/elec_<dataset>.{md,json,png}: test AUC and logloss, the gain over the
 base, and the share of the gain network's improvement that each student keeps.
@@ -42,6 +43,9 @@ def variants(tables: Path) -> dict[str, list[str]]:
         "elec_student_rep": [*STUDENT, "method.elec.score_weight=0", "method.elec.rep_weight=1"],
         "elec_student_both": [*STUDENT, "method.elec.score_weight=1", "method.elec.rep_weight=1"],
         "elec_student_alone": ["method.name=elec_student", "method.elec.score_weight=0", "method.elec.rep_weight=0"],
+        # the control: the same score distillation from the base model of the same seed, no language model
+        "control_student_score": ["method.name=elec_student", "method.elec.teacher_run=runs/bench/{tag}_{backbone}_s{seed}",
+                                  "method.elec.score_weight=1", "method.elec.rep_weight=0"],
     }
 
 
