@@ -48,8 +48,11 @@ class DistEnv:
 def init_distributed(timeout_s: float = 300.0) -> DistEnv:
     """Join the job's process group (torchrun/TorchX set RANK etc.), or make a 1-process group.
 
-    NCCL on GPUs, gloo on CPUs. ``timeout_s`` bounds how long a collective waits for a lost rank.
+    NCCL on GPUs, gloo on CPUs. ``timeout_s`` bounds how long a collective waits for a lost rank; the
+    environment variable ``RECSYS_DIST_TIMEOUT_S`` overrides it (a short one lets torchrun's next restart
+    come sooner when a re-rendezvous hangs).
     """
+    timeout_s = float(os.environ.get("RECSYS_DIST_TIMEOUT_S", timeout_s))
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
