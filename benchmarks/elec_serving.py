@@ -10,8 +10,8 @@ Reads the runs of ``python -m benchmarks.elec`` (runs/bench/<tag>_<backbone>_{,e
   prediction layer (texts are pre-built; only the model is timed, which favours it). At batch 4096 it is
   timed on ``--lm-rows`` rows and scaled per row (4096 rows of text take minutes on this CPU).
 
-All models score the same test rows; the rounds interleave the models, so machine noise hits all of them
-alike; each figure is the median over rounds. Results: benchmarks/results/elec_serving_<dataset>.{json,md}.
+All models score the same test rows; the rounds interleave the models in a rotating order, so machine
+noise and cache warmth hit all of them alike; each figure is the median over rounds. Results: benchmarks/results/elec_serving_<dataset>.{json,md}.
 """
 
 from __future__ import annotations
@@ -46,7 +46,10 @@ def main() -> int:
     p.add_argument("--student", default="elec_student_both", help="the student variant's run name part")
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--lm-rows", type=int, default=64, help="rows the language model scores for the large batch")
+    p.add_argument("--keep-denormals", action="store_true",
+                   help="do not flush denormal floats to zero (they slow CPU arithmetic by weight values alone)")
     args = p.parse_args()
+    torch.set_flush_denormal(not args.keep_denormals)
 
     from embedding_jobs.ctr_adapt import entity_texts
     from embedding_jobs.elec_head import load_head, read_head_config
@@ -111,8 +114,10 @@ def main() -> int:
             fn()
         times: dict[str, list[float]] = {k: [] for k in models}
         lm_reps = max(3, args.rounds // 5) if rows > 1 else args.rounds
+        names = list(models)
         for r in range(args.rounds):
-            for k, fn in models.items():
+            for k in names[r % len(names):] + names[:r % len(names)]:  # rotate: no model is always first
+                fn = models[k]
                 if k == "language model" and r >= lm_reps:
                     continue
                 times[k] += _median_time(fn, 1)
