@@ -33,9 +33,13 @@ STUDENT = ["method.name=elec_student", TEACHER]
 ITEMS_TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_items_s{seed}"
 
 
-def variants(tables: Path) -> dict[str, list[str]]:
-    gain = ["method.name=elec_gain", f"method.elec.user_table={tables / 'user'}",
+def _gain(tables: Path) -> list[str]:
+    return ["method.name=elec_gain", f"method.elec.user_table={tables / 'user'}",
             f"method.elec.item_table={tables / 'item'}"]
+
+
+def variants(tables: Path) -> dict[str, list[str]]:
+    gain = _gain(tables)
     return {
         "base": [],
         "elec_gain": gain,
@@ -50,12 +54,10 @@ def variants(tables: Path) -> dict[str, list[str]]:
 
 
 def ablations(tables: Path, untuned: Path) -> dict[str, list[str]]:
-    gain = ["method.name=elec_gain", f"method.elec.user_table={tables / 'user'}",
-            f"method.elec.item_table={tables / 'item'}"]
+    gain = _gain(tables)
     return {
         "elec_gain_logit": [*gain, "method.elec.inject=logit"],  # late fusion instead of extra fields
-        "elec_gain_untuned": ["method.name=elec_gain", f"method.elec.user_table={untuned / 'user'}",
-                              f"method.elec.item_table={untuned / 'item'}"],  # the packaged MiniLM as is
+        "elec_gain_untuned": _gain(untuned),  # the packaged MiniLM as is
         "elec_gain_items": ["method.name=elec_gain", f"method.elec.item_table={tables / 'item'}"],  # no user side
         # students of the item-only gain network (user texts built from training rows shift between training
         # and test; catalogue texts do not)

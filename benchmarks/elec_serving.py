@@ -29,7 +29,7 @@ import torch
 from benchmarks.common import REPO, RESULTS, environment, write_json
 
 
-def _median_time(fn: Callable[[], object], reps: int) -> list[float]:
+def _times(fn: Callable[[], object], reps: int) -> list[float]:
     times = []
     for _ in range(reps):
         start = time.perf_counter()
@@ -120,7 +120,7 @@ def main() -> int:
                 fn = models[k]
                 if k == "language model" and r >= lm_reps:
                     continue
-                times[k] += _median_time(fn, 1)
+                times[k] += _times(fn, 1)
         scale = {"language model": rows / len(lm_pairs)}
         result["latency_s"][str(rows)] = {k: statistics.median(v) * scale.get(k, 1.0) for k, v in times.items()}
         result.setdefault("lm_rows_timed", {})[str(rows)] = len(lm_pairs)

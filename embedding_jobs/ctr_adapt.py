@@ -77,6 +77,7 @@ from embedding_jobs.model_files import (
     packaged_minilm,
     read_model_config,
     resolve_model_path,
+    setup_job_cli,
     weights_hash,
 )
 from embedding_jobs.prepared import PreparedData
@@ -530,12 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="tracebacks and transformers' own logs")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not a.verbose:
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: this machine never downloads
-    if a.threads is not None:
-        torch.set_num_threads(a.threads)
+    setup_job_cli(a.verbose, a.threads)
     try:
         opts = AdaptOptions(
             dataset=a.dataset, out=a.out, model=a.model or packaged_minilm(), rows=a.rows, valid_rows=a.valid_rows,

@@ -188,3 +188,19 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise ModelError(f"{path}: cannot read it as JSON: {e}") from None
+
+
+def setup_job_cli(verbose: bool, threads: int | None) -> None:
+    """What every language-model CLI does first: logging, quiet libraries unless --verbose, offline hub, threads."""
+    import logging
+    import os
+
+    import torch
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: this machine never downloads
+    if threads is not None:
+        torch.set_num_threads(threads)

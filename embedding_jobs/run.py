@@ -19,12 +19,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
-
-import torch
 
 from embedding_jobs.elec_head import HeadConfig, read_head_config
 from embedding_jobs.engines import (
@@ -37,7 +34,7 @@ from embedding_jobs.engines import (
     make_engine,
 )
 from embedding_jobs.jobs import JobOptions, run_job
-from embedding_jobs.model_files import ModelError, Pooling, packaged_minilm, resolve_model_path
+from embedding_jobs.model_files import ModelError, Pooling, packaged_minilm, resolve_model_path, setup_job_cli
 from embedding_jobs.templates import TemplateOptions
 from recsys.data.sources import DataError
 from recsys.features.table import FeatureEntity, FeatureTableError
@@ -104,13 +101,7 @@ def template_options(args: argparse.Namespace, head: HeadConfig | None) -> Templ
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only: this machine never downloads
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    setup_job_cli(args.verbose, args.threads)
     try:
         engine_options = EngineOptions(
             model=args.model or packaged_minilm(), pooling=Pooling(args.pooling) if args.pooling else None,
