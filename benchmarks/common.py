@@ -8,6 +8,8 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -53,3 +55,24 @@ def write_json(path: Path, data: dict) -> None:
 
 def python() -> str:
     return sys.executable
+
+
+def interleaved_medians(models: dict[str, Callable[[], object]], rounds: int,
+                        max_rounds: dict[str, int] | None = None) -> dict[str, float]:
+    """Median seconds per call of each model, timed one call each per round in a rotating order.
+
+    Interleaving makes machine noise and cache warmth hit every model alike; rotating means no model is
+    always first. ``max_rounds`` caps the calls of slow models (they sit out the later rounds).
+    """
+    names, caps = list(models), max_rounds or {}
+    for fn in models.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        for k in names[r % len(names):] + names[:r % len(names)]:
+            if r >= caps.get(k, rounds):
+                continue
+            start = time.perf_counter()
+            models[k]()
+            times[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -17,25 +17,14 @@ noise and cache warmth hit all of them alike; each figure is the median over rou
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, RESULTS, environment, write_json
-
-
-def _times(fn: Callable[[], object], reps: int) -> list[float]:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+from benchmarks.common import REPO, RESULTS, environment, interleaved_medians, write_json
 
 
 def main() -> int:
@@ -110,19 +99,10 @@ def main() -> int:
             "gain": lambda b=batch: gain_score(b),
             "language model": lambda r=lm_pairs: lm_score(r),
         }
-        for fn in models.values():  # warm-up
-            fn()
-        times: dict[str, list[float]] = {k: [] for k in models}
         lm_reps = max(3, args.rounds // 5) if rows > 1 else args.rounds
-        names = list(models)
-        for r in range(args.rounds):
-            for k in names[r % len(names):] + names[:r % len(names)]:  # rotate: no model is always first
-                fn = models[k]
-                if k == "language model" and r >= lm_reps:
-                    continue
-                times[k] += _times(fn, 1)
+        medians = interleaved_medians(models, args.rounds, {"language model": lm_reps})
         scale = {"language model": rows / len(lm_pairs)}
-        result["latency_s"][str(rows)] = {k: statistics.median(v) * scale.get(k, 1.0) for k, v in times.items()}
+        result["latency_s"][str(rows)] = {k: v * scale.get(k, 1.0) for k, v in medians.items()}
         result.setdefault("lm_rows_timed", {})[str(rows)] = len(lm_pairs)
     result["ratio_to_base"] = {b: {k: v / lat["base"] for k, v in lat.items()} for b, lat in result["latency_s"].items()}
     result["environment"] = environment()
