@@ -2,7 +2,8 @@
 
     python -m benchmarks.elec --dataset ml-100k                      # DeepFM and DCNv2, seeds 1 2 3
     python -m benchmarks.elec --dataset ml-1m --adapt-budget-s 600
-    python -m benchmarks.elec --dataset ml-100k --ablations          # injection point, untuned LM, joint mode
+    python -m benchmarks.elec --dataset ml-100k --ablations          # injection point, untuned LM, item vectors
+                                                                     # only, profile-only user texts, joint mode
 
 Steps, each skipped when its output exists (rerun to resume):
 
@@ -31,6 +32,12 @@ from benchmarks.quality import run_name, run_one
 TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_s{seed}"
 STUDENT = ["method.name=elec_student", TEACHER]
 ITEMS_TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_items_s{seed}"
+PROFILE_TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_profile_s{seed}"
+# the distillation terms' weights of each student kind
+TERMS = {"score": ["method.elec.score_weight=1", "method.elec.rep_weight=0"],
+         "rep": ["method.elec.score_weight=0", "method.elec.rep_weight=1"],
+         "both": ["method.elec.score_weight=1", "method.elec.rep_weight=1"],
+         "alone": ["method.elec.score_weight=0", "method.elec.rep_weight=0"]}
 
 
 def _gain(tables: Path) -> list[str]:
@@ -43,17 +50,15 @@ def variants(tables: Path) -> dict[str, list[str]]:
     return {
         "base": [],
         "elec_gain": gain,
-        "elec_student_score": [*STUDENT, "method.elec.score_weight=1", "method.elec.rep_weight=0"],
-        "elec_student_rep": [*STUDENT, "method.elec.score_weight=0", "method.elec.rep_weight=1"],
-        "elec_student_both": [*STUDENT, "method.elec.score_weight=1", "method.elec.rep_weight=1"],
-        "elec_student_alone": ["method.name=elec_student", "method.elec.score_weight=0", "method.elec.rep_weight=0"],
+        **{f"elec_student_{k}": [*STUDENT, *TERMS[k]] for k in ("score", "rep", "both")},
+        "elec_student_alone": ["method.name=elec_student", *TERMS["alone"]],
         # the control: the same score distillation from the base model of the same seed, no language model
         "control_student_score": ["method.name=elec_student", "method.elec.teacher_run=runs/bench/{tag}_{backbone}_s{seed}",
-                                  "method.elec.score_weight=1", "method.elec.rep_weight=0"],
+                                  *TERMS["score"]],
     }
 
 
-def ablations(tables: Path, untuned: Path) -> dict[str, list[str]]:
+def ablations(tables: Path, untuned: Path, profile: Path) -> dict[str, list[str]]:
     gain = _gain(tables)
     return {
         "elec_gain_logit": [*gain, "method.elec.inject=logit"],  # late fusion instead of extra fields
@@ -61,12 +66,14 @@ def ablations(tables: Path, untuned: Path) -> dict[str, list[str]]:
         "elec_gain_items": ["method.name=elec_gain", f"method.elec.item_table={tables / 'item'}"],  # no user side
         # students of the item-only gain network (user texts built from training rows shift between training
         # and test; catalogue texts do not)
-        **{f"elec_items_student_{k}": ["method.name=elec_student", ITEMS_TEACHER, *w]
-           for k, w in (("score", ["method.elec.score_weight=1", "method.elec.rep_weight=0"]),
-                        ("rep", ["method.elec.score_weight=0", "method.elec.rep_weight=1"]),
-                        ("both", ["method.elec.score_weight=1", "method.elec.rep_weight=1"]))},
-        "elec_joint_both": ["method.name=elec_student", "method.elec.mode=joint", *gain[1:],
-                            "method.elec.score_weight=1", "method.elec.rep_weight=1"],
+        **{f"elec_items_student_{k}": ["method.name=elec_student", ITEMS_TEACHER, *TERMS[k]]
+           for k in ("score", "rep", "both")},
+        # user texts from the profile only (a model adapted on such texts): no user vector depends on a
+        # training row, so nothing shifts between training and test rows
+        "elec_gain_profile": _gain(profile),
+        **{f"elec_profile_student_{k}": ["method.name=elec_student", PROFILE_TEACHER, *TERMS[k]]
+           for k in ("score", "both")},
+        "elec_joint_both": ["method.name=elec_student", "method.elec.mode=joint", *gain[1:], *TERMS["both"]],
     }
 
 
@@ -94,7 +101,8 @@ def main() -> int:
     p.add_argument("--adapt-rows", type=int, default=20000)
     p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
     p.add_argument("--ablations", action="store_true",
-                   help="also: injection at the logit, item vectors only, the untuned MiniLM's vectors, joint training")
+                   help="also: injection at the logit, item vectors only, the untuned MiniLM's vectors, profile-only "
+                        "user texts, joint training")
     p.add_argument("--skip", nargs="*", default=[], metavar="VARIANT",
                    help="variants not to train (e.g. elec_student_alone, which equals the base by construction)")
     p.add_argument("--report-only", action="store_true",
@@ -104,6 +112,7 @@ def main() -> int:
     ds = args.dataset
     data, model = REPO / "runs" / "data" / ds, REPO / "runs" / "models" / f"{ds}-elec"
     tables, untuned = REPO / "runs" / "features" / f"{ds}-elec", REPO / "runs" / "features" / f"{ds}-untuned"
+    profile_model, profile = REPO / "runs" / "models" / f"{ds}-elec-profile", REPO / "runs" / "features" / f"{ds}-elec-profile"
     logs = REPO / "runs" / "bench" / "logs"
     step([python(), "-m", "recsys.prepare", "--dataset", ds, "--out", str(data), "--no-progress"],
          data / "schema.json", logs / f"prepare_{ds}.log")
@@ -119,7 +128,14 @@ def main() -> int:
               str(untuned), "--engine", args.engine, "--no-history-outcomes", "--no-progress"],
              untuned / "item" / "table.parquet",
              logs / f"embed_{ds}_untuned.log")
-        extra = ablations(tables, untuned)
+        # profile-only user texts (--history-length 0); head only: stage B was dropped or nearly flat before
+        step([python(), "-m", "embedding_jobs.ctr_adapt", "--dataset", str(data), "--out", str(profile_model),
+              "--history-length", "0", "--tune", "head", "--rows", str(args.adapt_rows), "--no-progress"],
+             profile_model / "report.json", logs / f"adapt_{ds}_profile.log")
+        step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
+              str(profile), "--model", str(profile_model), "--engine", args.engine, "--no-progress"],
+             profile / "item" / "table.parquet", logs / f"embed_{ds}_profile.log")
+        extra = ablations(tables, untuned, profile)
 
     results: dict[str, dict[str, list[dict]]] = {}
     for backbone in args.backbones:

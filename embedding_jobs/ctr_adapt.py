@@ -519,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens per text (default %(default)s); the embedding job uses the same (a cut user text "
                         "keeps its newest history)")
     p.add_argument("--history-length", type=int, default=TemplateOptions.history_length,
-                   help="interactions in a user's text (default %(default)s)")
+                   help="interactions in a user's text (default %(default)s; 0: the profile only)")
     p.add_argument("--history-item-field", default=None,
                    help="field that names an item in user texts (default: title if present, else item_id)")
     p.add_argument("--history-outcomes", action=argparse.BooleanOptionalAction, default=False,

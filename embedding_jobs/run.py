@@ -62,8 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's limit)")
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--history-length", type=int, default=None,
-                   help=f"interactions in a user's text (default: {TemplateOptions.history_length}, or the one an "
-                        "ELEC-adapted model was trained with)")
+                   help=f"interactions in a user's text, 0: the profile only (default: "
+                        f"{TemplateOptions.history_length}, or the one an ELEC-adapted model was trained with)")
     p.add_argument("--history-item-field", default=None,
                    help="field that names an item in user texts (default: title if present, else item_id; or the "
                         "one an ELEC-adapted model was trained with)")

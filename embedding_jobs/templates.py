@@ -72,7 +72,8 @@ TEMPLATES = {
 
 @dataclass(frozen=True)
 class TemplateOptions:
-    history_length: int = 20  # interactions in a user's text
+    # interactions in a user's text; 0: the profile only (a user's text then depends on no training row)
+    history_length: int = 20
     user_key_field: str = "user_id"
     item_key_field: str = "item_id"
     # How an interacted item is named in a user's text. None: the field ``title`` where the dataset has
@@ -85,8 +86,8 @@ class TemplateOptions:
 
     def resolve(self, data: PreparedData) -> TemplateOptions:
         """The options with the default history field filled in, so the template hash records it."""
-        if self.history_length < 1:
-            raise ValueError(f"history_length must be >= 1, got {self.history_length}")
+        if self.history_length < 0:
+            raise ValueError(f"history_length must be >= 0 (0: the profile only), got {self.history_length}")
         if self.history_item_field is not None:
             return self
         names = [f.name for f in data.schema.fields]
@@ -212,7 +213,8 @@ def user_texts(data: PreparedData, options: TemplateOptions) -> TextTable:
         rows = order[start:end]
         profile_row = {f.name: train.column(f.name)[int(rows[0])].as_py() for f in profile}
         sentences = _sentences(data, profile, profile_row)
-        recent = rows[-options.history_length:][::-1] if timed else rows[-options.history_length:]
+        recent = rows[len(rows) - options.history_length:]
+        recent = recent[::-1] if timed else recent
         items = []
         for r in recent:
             name = _format_value(data, item_field, item_values[int(r)].as_py())

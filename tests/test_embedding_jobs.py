@@ -148,6 +148,10 @@ def test_user_texts_without_a_title_field_name_items_by_id(tiny_prepared) -> Non
     plain = user_texts(data, replace(options, history_outcomes=False))
     assert not any("rated" in t for t in plain.texts)
     assert any(re.search(r"Recently watched, most recent first: i\d; i\d\.$", t) for t in plain.texts)
+    # history length 0: the profile only, so no text depends on a training row
+    profile = user_texts(data, replace(options, history_length=0))
+    assert not any("Recently" in t for t in profile.texts)
+    assert [t.split(" Recently")[0] for t in table.texts] == profile.texts
 
 
 def test_template_hash_follows_the_options_that_shape_the_texts() -> None:

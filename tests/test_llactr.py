@@ -42,6 +42,26 @@ def test_fie_is_a_pairwise_term_that_changes_with_the_input():
     assert not torch.allclose(fie(e), expected, atol=1e-6)
 
 
+def test_fie_training_and_serving_forms_agree_in_value_and_gradient():
+    """Training computes <Gram(e), W>, serving sum(e * W e): the same term, and the same gradients as the
+    plain double loop over pairs (scale = lambda_llm included)."""
+    torch.manual_seed(0)
+    fie = FieldInteraction(torch.randn(5, 7), scale=0.3)
+    with torch.no_grad():
+        fie.adaptor.weight.add_(0.1 * torch.randn_like(fie.adaptor.weight))
+        fie.adaptor.bias.normal_()
+    e = torch.randn(6, 5, 4, requires_grad=True)
+    w = fie.pair_weights()
+    loop = 0.3 * sum(w[p] * (e[:, i] * e[:, j]).sum(-1) for p, (i, j) in enumerate(zip(fie.left, fie.right)))
+    grads_loop = torch.autograd.grad(loop.sum(), [e, fie.adaptor.weight])
+    term = fie.train()(e)
+    assert torch.allclose(term, loop, atol=1e-5)
+    grads = torch.autograd.grad(term.sum(), [e, fie.adaptor.weight])
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, grads_loop, strict=True))
+    with torch.no_grad():
+        assert torch.allclose(fie.eval()(e), loop, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def ml100k_with_field_table(tmp_path_factory) -> tuple[Path, Path]:
     from embedding_jobs.table_writer import write_table_file

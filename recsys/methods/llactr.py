@@ -47,9 +47,18 @@ def field_kl(field_proj: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
 
 
 class FieldInteraction(nn.Module):
-    """FIE: ``sum_{i<j} w_ij <e_i, e_j>`` with ``w = adaptor(cosine similarities of the field embeddings)``."""
+    """FIE: ``scale * sum_{i<j} w_ij <e_i, e_j>`` with ``w = adaptor(cosine similarities of the field embeddings)``.
 
-    def __init__(self, field_emb: torch.Tensor) -> None:
+    With ``W`` the symmetric, zero-diagonal K x K matrix of the pair weights, the term is
+    ``scale/2 * sum_{k,l} W_kl <e_k, e_l>``. Two equal ways to compute it, each the cheaper where it is used:
+
+    - training: ``scale/2 * <Gram(e), W>``, one batched Gram matrix per row; the pair weights' gradient is
+      then a single product ``Gram^T g`` (``W @ e`` would need a batched matmul per row in the backward);
+    - serving (eval mode): ``sum(e * (W' e))`` with ``W' = scale/2 * W`` computed once; with no gradient it
+      is the fastest form at every batch size.
+    """
+
+    def __init__(self, field_emb: torch.Tensor, scale: float = 1.0) -> None:
         super().__init__()
         k = field_emb.shape[0]
         i, j = torch.triu_indices(k, k, offset=1)
@@ -58,6 +67,7 @@ class FieldInteraction(nn.Module):
         self.register_buffer("left", i)
         self.register_buffer("right", j)
         self.adaptor = nn.Linear(len(i), len(i))
+        self.num_fields, self.scale = k, scale
         self._serving_matrix: torch.Tensor | None = None
         self.reset_parameters()
 
@@ -70,20 +80,19 @@ class FieldInteraction(nn.Module):
         return self.adaptor(self.similarity)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:  # emb: [B, K, D] -> [B]
-        # sum_{i<j} w_ij <e_i, e_j> = 1/2 sum_k <e_k, (W e)_k> with W symmetric, zero diagonal: a K x K
-        # matrix product instead of materialising all K(K-1)/2 pair products per row.
-        return 0.5 * (emb * torch.matmul(self.pair_matrix(emb.shape[1]), emb)).sum(dim=(1, 2))
-
-    def pair_matrix(self, k: int) -> torch.Tensor:
-        """W: the pair weights as a symmetric K x K matrix; computed once while serving (eval mode)."""
-        if not self.training and self._serving_matrix is not None:
-            return self._serving_matrix
-        w = self.pair_weights()
-        upper = torch.zeros(k, k, dtype=w.dtype, device=w.device).index_put((self.left, self.right), w)
-        sym = upper + upper.T
         if not self.training:
-            self._serving_matrix = sym.detach()
-        return sym
+            if self._serving_matrix is None:
+                self._serving_matrix = (0.5 * self.scale * self.pair_matrix()).detach()
+            return (emb * torch.matmul(self._serving_matrix, emb)).sum(dim=(1, 2))
+        gram = torch.bmm(emb, emb.transpose(1, 2))  # [B, K, K]
+        return gram.flatten(1) @ (0.5 * self.scale * self.pair_matrix()).flatten()
+
+    def pair_matrix(self) -> torch.Tensor:
+        """W: the pair weights as a symmetric, zero-diagonal K x K matrix."""
+        w = self.pair_weights()
+        k = self.num_fields
+        upper = torch.zeros(k, k, dtype=w.dtype, device=w.device).index_put((self.left, self.right), w)
+        return upper + upper.T
 
     def train(self, mode: bool = True) -> FieldInteraction:
         self._serving_matrix = None  # weights may change (training, a loaded checkpoint): recompute
@@ -110,14 +119,15 @@ class LLaCTRTask(nn.Module):
         # Built on the real device (not meta): DistributedModelParallel would zero a meta buffer.
         self.register_buffer("field_emb", field_emb.float().clone())
         self.projection = nn.Linear(field_emb.shape[1], model.embedding_dim) if cfg.fre else None
-        self.interaction = FieldInteraction(field_emb) if cfg.fie else None
+        self.interaction = FieldInteraction(field_emb, scale=cfg.lambda_llm) if cfg.fie else None
 
     def _logit(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.model(batch)
-        emb = out.field_embeddings[:, : self.num_fields]
-        logit = out.logit
+        emb, logit = out.field_embeddings, out.logit
+        if self.model.num_extra_fields:  # fixed at build time, so the fx trace sees no branch on data
+            emb = emb[:, : self.num_fields]
         if self.interaction is not None:
-            logit = logit + self.cfg.lambda_llm * self.interaction(emb)
+            logit = logit + self.interaction(emb)  # lambda_llm is the interaction's scale
         return logit, emb
 
     def score(self, batch: Batch) -> torch.Tensor:
