@@ -37,6 +37,7 @@ def main() -> int:
              "Test AUC, mean ± std over seeds " + str(base["seeds"]) + "; Δ is the variant minus the base; "
              "'within noise' means |Δ| < 2 standard errors.", "",
              "| backbone | variant | test AUC | Δ AUC | verdict | test logloss | Δ logloss |", "|---|---|---|---|---|---|---|"]
+    commands = {"base": base["command"]}
     for backbone, b in base["backbones"].items():
         m, s = mean_std(b["test_auc"])
         ml, sl = mean_std(b["test_logloss"])
@@ -45,15 +46,20 @@ def main() -> int:
             path = RESULTS / f"quality_{args.dataset}_{variant}.json"
             if not path.is_file():
                 continue
-            v = json.loads(path.read_text())["backbones"].get(backbone)
+            record = json.loads(path.read_text())
+            v = record["backbones"].get(backbone)
             if v is None:
                 continue
+            commands[variant] = record["command"]
             delta, word = verdict(b["test_auc"], v["test_auc"])
             dl, _ = verdict(b["test_logloss"], v["test_logloss"])
             m, s = mean_std(v["test_auc"])
             ml, sl = mean_std(v["test_logloss"])
             lines.append(f"| {backbone} | {variant} | {m:.4f} ± {s:.4f} | {delta:+.4f} | {word} | "
                          f"{ml:.4f} ± {sl:.4f} | {dl:+.4f} |")
+    lines += ["", "Each variant's record (`quality_<dataset>_<variant>.md`) has its environment and per-seed values. "
+              "The commands:", ""]
+    lines += [f"- {k}: `{c}`" for k, c in commands.items()]
     out = RESULTS / (args.out or f"compare_{args.dataset}.md")
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
