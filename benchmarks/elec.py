@@ -2,8 +2,10 @@
 
     python -m benchmarks.elec --dataset ml-100k                      # DeepFM and DCNv2, seeds 1 2 3
     python -m benchmarks.elec --dataset ml-1m --adapt-budget-s 600
-    python -m benchmarks.elec --dataset ml-100k --ablations          # injection point, untuned LM, item vectors
-                                                                     # only, profile-only user texts, joint mode
+    python -m benchmarks.elec --dataset ml-100k --ablations          # injection point, projection init, untuned
+                                                                     # LM, item vectors only, profile-only user
+                                                                     # texts, joint mode
+    python -m benchmarks.elec --dataset ml-1m --ablations elec_gain_logit elec_gain_std   # just these two
 
 Steps, each skipped when its output exists (rerun to resume):
 
@@ -62,6 +64,8 @@ def ablations(tables: Path, untuned: Path, profile: Path) -> dict[str, list[str]
     gain = _gain(tables)
     return {
         "elec_gain_logit": [*gain, "method.elec.inject=logit"],  # late fusion instead of extra fields
+        # projections that start at the id embeddings' scale, not PyTorch's default (~30x larger)
+        "elec_gain_std": [*gain, "method.elec.projection_std=0.02"],
         "elec_gain_untuned": _gain(untuned),  # the packaged MiniLM as is
         "elec_gain_items": ["method.name=elec_gain", f"method.elec.item_table={tables / 'item'}"],  # no user side
         # students of the item-only gain network (user texts built from training rows shift between training
@@ -100,9 +104,9 @@ def main() -> int:
     p.add_argument("--adapt-budget-s", type=int, default=300, help="time budget of the language-model adaptation")
     p.add_argument("--adapt-rows", type=int, default=20000)
     p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
-    p.add_argument("--ablations", action="store_true",
-                   help="also: injection at the logit, item vectors only, the untuned MiniLM's vectors, profile-only "
-                        "user texts, joint training")
+    p.add_argument("--ablations", nargs="*", default=None, metavar="VARIANT",
+                   help="also these ablations (none named: all): injection at the logit, small projection init, item "
+                        "vectors only, the untuned MiniLM's vectors, profile-only user texts, joint training")
     p.add_argument("--skip", nargs="*", default=[], metavar="VARIANT",
                    help="variants not to train (e.g. elec_student_alone, which equals the base by construction)")
     p.add_argument("--report-only", action="store_true",
@@ -114,6 +118,12 @@ def main() -> int:
     tables, untuned = REPO / "runs" / "features" / f"{ds}-elec", REPO / "runs" / "features" / f"{ds}-untuned"
     profile_model, profile = REPO / "runs" / "models" / f"{ds}-elec-profile", REPO / "runs" / "features" / f"{ds}-elec-profile"
     logs = REPO / "runs" / "bench" / "logs"
+    chosen = ablations(tables, untuned, profile)
+    if args.ablations:  # named ones only
+        unknown = set(args.ablations) - set(chosen)
+        if unknown:
+            p.error(f"unknown ablations {sorted(unknown)}; choose from {sorted(chosen)}")
+        chosen = {k: v for k, v in chosen.items() if k in args.ablations}
     step([python(), "-m", "recsys.prepare", "--dataset", ds, "--out", str(data), "--no-progress"],
          data / "schema.json", logs / f"prepare_{ds}.log")
     step([python(), "-m", "embedding_jobs.ctr_adapt", "--dataset", str(data), "--out", str(model),
@@ -123,11 +133,13 @@ def main() -> int:
           str(tables), "--model", str(model), "--engine", args.engine, "--no-progress"],
          tables / "item" / "table.parquet", logs / f"embed_{ds}.log")
     todo, extra = variants(tables), {}
-    if args.ablations:
+    needs = " ".join(" ".join(v) for v in chosen.values())
+    if args.ablations is not None and str(untuned) in needs:
         step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
               str(untuned), "--engine", args.engine, "--no-history-outcomes", "--no-progress"],
              untuned / "item" / "table.parquet",
              logs / f"embed_{ds}_untuned.log")
+    if args.ablations is not None and str(profile) in needs:
         # profile-only user texts (--history-length 0); head only: stage B was dropped or nearly flat before
         step([python(), "-m", "embedding_jobs.ctr_adapt", "--dataset", str(data), "--out", str(profile_model),
               "--history-length", "0", "--tune", "head", "--rows", str(args.adapt_rows), "--no-progress"],
@@ -135,7 +147,8 @@ def main() -> int:
         step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
               str(profile), "--model", str(profile_model), "--engine", args.engine, "--no-progress"],
              profile / "item" / "table.parquet", logs / f"embed_{ds}_profile.log")
-        extra = ablations(tables, untuned, profile)
+    if args.ablations is not None:
+        extra = chosen
 
     results: dict[str, dict[str, list[dict]]] = {}
     for backbone in args.backbones:

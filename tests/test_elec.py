@@ -18,9 +18,26 @@ import torch
 from recsys.data.prepare import prepare
 from recsys.data.schema import FIRST_ID, PreparedSchema, load_schema
 from recsys.features.table import FeatureEntity, FeatureTableMetadata
-from recsys.methods.elec import representation_distillation, score_distillation
+from recsys.methods.elec import LMVectors, representation_distillation, score_distillation
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def test_lm_vectors_are_standardised_and_projected_at_the_chosen_scale():
+    torch.manual_seed(0)
+    vectors = 5.0 + 3.0 * torch.randn(2000, 64)
+    mask = torch.ones(2000, dtype=torch.bool)
+    mask[:2] = False  # padding and unknown: no vector
+    for std, expected in ((0.0, None), (0.02, 0.02)):
+        lm = LMVectors({"user_id": vectors}, {"user_id": mask}, dim=16, projection_std=std)
+        standard = lm.vectors_0
+        assert torch.equal(standard[:2], torch.zeros(2, 64))
+        assert standard[2:].mean().abs() < 1e-4 and (standard[2:].std(0) - 1).abs().max() < 1e-3
+        out = lm.projections[0](standard[2:])
+        if expected is None:  # PyTorch's default Linear init: uniform(+-1/sqrt(d)) -> std sqrt(d/(3d)) ~ 0.58
+            assert 0.45 < out.std().item() < 0.7
+        else:
+            assert out.std().item() == pytest.approx(expected, rel=0.15)
 
 
 def test_score_distillation_matches_hand_computed_cases():

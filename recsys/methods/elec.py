@@ -48,6 +48,9 @@ class ELECConfig:
     user_table: str = ""  # feature table of adapted user vectors (python -m embedding_jobs.run --entity user)
     item_table: str = ""  # feature table of adapted item vectors (either table may be left out)
     inject: str = "fields"  # fields: two extra fields (interaction + deep input); logit: late fusion MLP
+    # std of each projected language-model coordinate at initialisation; 0: PyTorch's default Linear init,
+    # about 0.58 on the standardised vectors, some 30x the id embeddings' scale (TorchRec's init)
+    projection_std: float = 0.0
     # student
     mode: str = "two_stage"  # two_stage: distil a finished gain run (teacher_run); joint: train both together
     teacher_run: str = ""  # two_stage: the gain network's run folder
@@ -64,6 +67,8 @@ class ELECConfig:
             problems.append(f"method.elec.mode={self.mode!r}: choose from {MODES}")
         if self.score_loss not in SCORE_LOSSES:
             problems.append(f"method.elec.score_loss={self.score_loss!r}: choose from {SCORE_LOSSES}")
+        if self.projection_std < 0:
+            problems.append(f"method.elec.projection_std={self.projection_std}: must be >= 0 (0: default init)")
         if self.temperature <= 0 or self.score_weight < 0 or self.rep_weight < 0:
             problems.append("method.elec: temperature must be > 0 and the distillation weights >= 0")
         return problems
@@ -110,11 +115,13 @@ class LMVectors(nn.Module):
 
     ``tables`` maps a single-valued sparse field (the one the table's keys index, e.g. ``user_id``) to its
     ``[vocab, d]`` vectors. They are standardised per dimension over the ids that have one (the adapted
-    vectors' scale is arbitrary); ids without one (padding, unknown) stay zero.
+    vectors' scale is arbitrary); ids without one (padding, unknown) stay zero. With ``projection_std`` > 0
+    the projections start with weights of std ``projection_std / sqrt(d)``, so each projected coordinate
+    starts with about that std (the id embeddings' scale, rather than PyTorch's default of about 0.58).
     """
 
     def __init__(self, tables: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], dim: int,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, projection_std: float = 0.0) -> None:
         super().__init__()
         self.fields = list(tables)
         self.projections = nn.ModuleList()
@@ -124,7 +131,11 @@ class LMVectors(nn.Module):
             standard = torch.where(mask[:, None], (vectors - mean) / std, torch.zeros_like(vectors))
             # built on the real device: DistributedModelParallel would zero a meta buffer
             self.register_buffer(f"vectors_{i}", standard.to(device), persistent=False)
-            self.projections.append(nn.Linear(vectors.shape[1], dim, device=device))
+            projection = nn.Linear(vectors.shape[1], dim, device=device)
+            if projection_std > 0:
+                nn.init.normal_(projection.weight, std=projection_std / vectors.shape[1] ** 0.5)
+                nn.init.zeros_(projection.bias)
+            self.projections.append(projection)
 
     def forward(self, batch: Batch) -> torch.Tensor:  # -> [B, len(fields), dim]
         out = []

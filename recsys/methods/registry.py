@@ -72,7 +72,7 @@ def _lm_vectors(schema: PreparedSchema, cfg: ExperimentConfig):
             raise ConfigError(f"{path}: the {entity} table has {table.embeddings.shape[0]} rows keyed by {name!r}, "
                               f"which must be a single-valued field with that many ids (it has {f.vocab_size})")
         tables[name], masks[name] = table.embeddings, table.mask
-    return LMVectors(tables, masks, cfg.model.embedding_dim)
+    return LMVectors(tables, masks, cfg.model.embedding_dim, projection_std=cfg.method.elec.projection_std)
 
 
 def _elec_gain(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.device | None) -> nn.Module:
