@@ -60,6 +60,10 @@ def test_fie_training_and_serving_forms_agree_in_value_and_gradient():
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads, grads_loop, strict=True))
     with torch.no_grad():
         assert torch.allclose(fie.eval()(e), loop, atol=1e-5)
+        other = FieldInteraction(torch.randn(5, 7), scale=0.3).eval()
+        other(e)  # caches its serving matrix; loading weights in eval mode must replace it
+        other.load_state_dict(fie.state_dict())
+        assert torch.allclose(other(e), loop, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -98,6 +98,10 @@ class FieldInteraction(nn.Module):
         self._serving_matrix = None  # weights may change (training, a loaded checkpoint): recompute
         return super().train(mode)
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._serving_matrix = None  # new weights loaded in eval mode: recompute on the next call
+        super()._load_from_state_dict(*args, **kwargs)
+
 
 class LLaCTRTask(nn.Module):
     """A backbone plus FRE and FIE; the loss is BCE + lambda_loss * FRE.
