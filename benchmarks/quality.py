@@ -106,8 +106,10 @@ def main() -> int:
                                            "train_samples_per_s")}
         print(f"{backbone:<9} test AUC {fmt([r['test_auc'] for r in runs])}  "
               f"logloss {fmt([r['test_logloss'] for r in runs])}", flush=True)
-    stem = RESULTS / (f"quality_{args.dataset}" + ("" if args.variant == "base" else f"_{args.variant}"))
-    write_json(stem.with_suffix(".json"), summary)
+    name = f"quality_{args.dataset}" + ("" if args.variant == "base" else f"_{args.variant}")
+    # not Path.with_suffix: a variant name may hold a dot (llactr_llm0.1)
+    md, js, png = (RESULTS / f"{name}.{ext}" for ext in ("md", "json", "png"))
+    write_json(js, summary)
     lines = [f"# Quality on {args.dataset}" + ("" if args.variant == "base" else f": {args.variant}"), "",
              f"Command: `{summary['command']}` (config `{summary['config']}`), seeds {args.seeds}.", "",
              "| backbone | test AUC | test logloss | valid AUC | best epochs | train samples/s |",
@@ -122,9 +124,9 @@ def main() -> int:
     lines += ["", f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}, "
               + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + f"; commit {env['commit']}, "
               f"{env['date']}.", ""]
-    stem.with_suffix(".md").write_text("\n".join(lines))
-    plot(summary, stem.with_suffix(".png"))
-    print(f"wrote {stem}.md/.json/.png")
+    md.write_text("\n".join(lines))
+    plot(summary, png)
+    print(f"wrote {RESULTS / name}.md/.json/.png")
     return 0
 
 
