@@ -111,11 +111,11 @@ def test_gain_network_sees_the_language_model_vectors(ml100k_tables, gain_run, t
     run, result = gain_run
     assert result["test_auc"] > 0.6
     schema = PreparedSchema.load(data)
-    task = build_task(schema, _cfg(data, tmp_path, "g", "method.name=elec_gain", *_tables(user, item)),
-                      device=torch.device("cpu"))
-    assert task.model.num_extra_fields == 2 and task.lm.fields == ["user_id", "item_id"]
-    late = build_task(schema, _cfg(data, tmp_path, "g", "method.name=elec_gain", "method.elec.inject=logit",
+    task = build_task(schema, _cfg(data, tmp_path, "g", "method.name=elec_gain", "method.elec.inject=fields",
                                    *_tables(user, item)), device=torch.device("cpu"))
+    assert task.model.num_extra_fields == 2 and task.lm.fields == ["user_id", "item_id"] and task.late is None
+    late = build_task(schema, _cfg(data, tmp_path, "g", "method.name=elec_gain", *_tables(user, item)),
+                      device=torch.device("cpu"))  # the default: late fusion
     assert late.model.num_extra_fields == 0 and late.late is not None
 
 
@@ -165,7 +165,7 @@ def test_joint_distillation_never_pushes_gradients_into_the_teacher(ml100k_table
     data, user, item = ml100k_tables
     schema = PreparedSchema.load(data)
     cfg = _cfg(data, tmp_path, "j", "method.name=elec_student", "method.elec.mode=joint", "method.elec.rep_weight=1",
-               "model.backbone=dcnv2", *_tables(user, item))
+               "method.elec.inject=fields", "model.backbone=dcnv2", *_tables(user, item))
     torch.manual_seed(0)
     task = build_task(schema, cfg, device=torch.device("cpu"))
     assert isinstance(task.rep_projection, torch.nn.Linear)  # DCNv2's representation grows with the fields
