@@ -42,6 +42,29 @@ TERMS = {"score": ["method.elec.score_weight=1", "method.elec.rep_weight=0"],
          "alone": ["method.elec.score_weight=0", "method.elec.rep_weight=0"]}
 
 
+# what each row of the report is
+VARIANT_NOTES = {
+    "base": "the backbone alone, BCE",
+    "elec_gain": "gain network: the backbone plus the adapted user and item vectors as two extra fields",
+    "elec_student_score": "student (tabular input only), BCE + score distillation from elec_gain",
+    "elec_student_rep": "student, BCE + representation distillation from elec_gain",
+    "elec_student_both": "student, BCE + both distillation terms",
+    "elec_student_alone": "student with both distillation weights 0: must equal the base",
+    "control_student_score": "score distillation from the base model of the same seed: distillation without a language model",
+    "elec_gain_logit": "gain network with late fusion (an MLP over the vectors added to the logit; the default injection)",
+    "elec_gain_std": "gain network whose projections start at the id embeddings' scale (projection_std=0.02)",
+    "elec_gain_untuned": "gain network on the packaged MiniLM's vectors, not adapted",
+    "elec_gain_items": "gain network with the item vectors only",
+    "elec_items_student_score": "student of elec_gain_items, score term",
+    "elec_items_student_rep": "student of elec_gain_items, representation term",
+    "elec_items_student_both": "student of elec_gain_items, both terms",
+    "elec_gain_profile": "gain network on a model adapted with profile-only user texts (no history: no training row in them)",
+    "elec_profile_student_score": "student of elec_gain_profile, score term",
+    "elec_profile_student_both": "student of elec_gain_profile, both terms",
+    "elec_joint_both": "joint mode: gain network and student trained together, both terms",
+}
+
+
 def _gain(tables: Path, inject: str = "fields") -> list[str]:
     # the design's injection, stated explicitly: the default became "logit" after this benchmark's ablation
     return ["method.name=elec_gain", f"method.elec.user_table={tables / 'user'}",
@@ -167,10 +190,10 @@ def main() -> int:
 
 def report(args: argparse.Namespace, results: dict, model: Path) -> None:
     adapt = json.loads((model / "report.json").read_text())
-    summary = {"dataset": args.dataset, "seeds": args.seeds, "command": "python -m benchmarks.elec "
-               + " ".join(sys.argv[1:]), "config": f"benchmarks/configs/{args.dataset.replace('-', '')}.yaml",
+    summary = {"dataset": args.dataset, "seeds": args.seeds, "command": "python -m benchmarks.elec "  # the command that trains these runs
+               + " ".join(a for a in sys.argv[1:] if a != "--report-only"), "config": f"benchmarks/configs/{args.dataset.replace('-', '')}.yaml",
                "adaptation": {k: adapt.get(k) for k in ("valid_auc_before", "valid_auc_head", "valid_auc_after",
-                                                          "rows_used", "steps", "seconds", "options")},
+                                                          "rows_used", "steps", "seconds", "kept", "options")},
                "environment": environment(), "runs": {
                    b: {v: {k: [r[k] for r in runs] for k in ("test_auc", "test_logloss", "best_epoch")}
                        for v, runs in vs.items()} for b, vs in results.items()}}
@@ -182,8 +205,10 @@ def report(args: argparse.Namespace, results: dict, model: Path) -> None:
              "mean ± std over the seeds; a student of seed s distils the gain network of seed s.", "",
              "Language-model adaptation (packaged MiniLM, two towers): validation AUC of the language model alone "
              f"{_f(a['valid_auc_before'])} with an untrained head, {_f(a['valid_auc_head'])} after the head warm "
-             f"start on {a['rows_used']} rows, {_f(a['valid_auc_after'])} after {a['steps']} LoRA steps "
-             f"({a['seconds']:.0f} s in all).", ""]
+             f"start on {a['rows_used']} rows; " + (
+                 f"{_f(a['valid_auc_after'])} after {a['steps']} LoRA steps" if a.get("kept") != "head" else
+                 f"{a['steps']} LoRA steps lowered it, so they were dropped and the base encoder kept")
+             + f" ({a['seconds']:.0f} s in all).", ""]
     for b, vs in summary["runs"].items():
         base = mean_std(vs["base"]["test_auc"])[0]
         gain = mean_std(vs["elec_gain"]["test_auc"])[0] - base if "elec_gain" in vs else float("nan")
@@ -200,6 +225,8 @@ def report(args: argparse.Namespace, results: dict, model: Path) -> None:
             lines += ["", f"The student trained alone {'equals' if same else 'DIFFERS FROM'} the base in every seed "
                       "(same initialisation, same batches, BCE only)."]
         lines.append("")
+    shown = dict.fromkeys(v for vs in summary["runs"].values() for v in vs)
+    lines += ["Variants:", ""] + [f"- `{v}`: {VARIANT_NOTES.get(v, '')}" for v in shown] + [""]
     env = summary["environment"]
     lines += [f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}, "
               + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + f"; commit {env['commit']}, "
