@@ -82,10 +82,14 @@ class FieldInteraction(nn.Module):
     def forward(self, emb: torch.Tensor) -> torch.Tensor:  # emb: [B, K, D] -> [B]
         if not self.training:
             if self._serving_matrix is None:
-                self._serving_matrix = (0.5 * self.scale * self.pair_matrix()).detach()
+                self._serving_matrix = self.half_matrix().detach()
             return (emb * torch.matmul(self._serving_matrix, emb)).sum(dim=(1, 2))
         gram = torch.bmm(emb, emb.transpose(1, 2))  # [B, K, K]
-        return gram.flatten(1) @ (0.5 * self.scale * self.pair_matrix()).flatten()
+        return gram.flatten(1) @ self.half_matrix().flatten()
+
+    def half_matrix(self) -> torch.Tensor:
+        """``scale/2 * W``: what both forms of the term multiply by."""
+        return 0.5 * self.scale * self.pair_matrix()
 
     def pair_matrix(self) -> torch.Tensor:
         """W: the pair weights as a symmetric, zero-diagonal K x K matrix."""
