@@ -7,17 +7,17 @@ import json
 import math
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from synthetic_tables import write_synthetic_table
 
 from recsys.data.prepare import prepare
-from recsys.data.schema import FIRST_ID, PreparedSchema, load_schema
-from recsys.features.table import FeatureEntity, FeatureTableMetadata
+from recsys.data.schema import PreparedSchema, load_schema
+from recsys.features.table import FeatureEntity
 from recsys.methods.elec import LMVectors, representation_distillation, score_distillation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,8 +57,6 @@ def test_score_distillation_matches_hand_computed_cases():
 @pytest.fixture(scope="module")
 def ml100k_tables(tmp_path_factory) -> tuple[Path, Path, Path]:
     """ML-100K with user/item tables whose first dimension is the id's training click rate (a real signal)."""
-    from embedding_jobs.table_writer import write_table_file
-
     root = tmp_path_factory.mktemp("elec")
     data = root / "ml-100k"
     prepare(load_schema("ml-100k"), data, progress=False)
@@ -67,18 +65,10 @@ def ml100k_tables(tmp_path_factory) -> tuple[Path, Path, Path]:
     rng = np.random.default_rng(0)
     paths = []
     for entity, key in ((FeatureEntity.USER, "user_id"), (FeatureEntity.ITEM, "item_id")):
-        n, dim = schema.field(key).vocab_size, 6
-        vectors = rng.standard_normal((n, dim)).astype(np.float32) * 0.1
+        vectors = rng.standard_normal((schema.field(key).vocab_size, 6)).astype(np.float32) * 0.1
         rate = train.groupby(key)["label"].mean()
         vectors[rate.index.to_numpy(), 0] = rate.to_numpy()
-        meta = FeatureTableMetadata(
-            entity=entity, table=key, num_rows=n, dim=dim, model_name="test", weights_hash="0" * 64,
-            engine="transformers", pooling="mean", normalize=False, max_length=32, dtype="float32",
-            template_version=1, template_hash="t", dataset_name=schema.name, dataset_fingerprint=schema.fingerprint,
-            created_at=datetime.now(UTC).isoformat())
-        path = root / f"{entity}.parquet"
-        write_table_file(path, np.arange(FIRST_ID, n, dtype=np.int64), vectors[FIRST_ID:], meta)
-        paths.append(path)
+        paths.append(write_synthetic_table(root / f"{entity}.parquet", schema, entity, vectors, key_field=key))
     return data, paths[0], paths[1]
 
 

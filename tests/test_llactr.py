@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from synthetic_tables import write_synthetic_table
 
 from recsys.data.prepare import prepare
 from recsys.data.schema import PreparedSchema, load_schema
-from recsys.features.table import FeatureEntity, FeatureTableMetadata
+from recsys.features.table import FeatureEntity
 from recsys.methods.llactr import FieldInteraction, field_kl
 
 
@@ -52,7 +52,7 @@ def test_fie_training_and_serving_forms_agree_in_value_and_gradient():
         fie.adaptor.bias.normal_()
     e = torch.randn(6, 5, 4, requires_grad=True)
     w = fie.pair_weights()
-    loop = 0.3 * sum(w[p] * (e[:, i] * e[:, j]).sum(-1) for p, (i, j) in enumerate(zip(fie.left, fie.right)))
+    loop = 0.3 * sum(w[p] * (e[:, i] * e[:, j]).sum(-1) for p, (i, j) in enumerate(zip(fie.left, fie.right, strict=True)))
     grads_loop = torch.autograd.grad(loop.sum(), [e, fie.adaptor.weight])
     term = fie.train()(e)
     assert torch.allclose(term, loop, atol=1e-5)
@@ -68,21 +68,12 @@ def test_fie_training_and_serving_forms_agree_in_value_and_gradient():
 
 @pytest.fixture(scope="module")
 def ml100k_with_field_table(tmp_path_factory) -> tuple[Path, Path]:
-    from embedding_jobs.table_writer import write_table_file
-
     root = tmp_path_factory.mktemp("llactr")
     data = root / "ml-100k"
     prepare(load_schema("ml-100k"), data, progress=False)
     schema = PreparedSchema.load(data)
-    k, dim = len(schema.fields), 8
-    vectors = np.random.default_rng(0).standard_normal((k, dim)).astype(np.float32)
-    meta = FeatureTableMetadata(
-        entity=FeatureEntity.FIELD, table="field", num_rows=k, dim=dim, model_name="test-fields",
-        weights_hash="0" * 64, engine="transformers", pooling="mean", normalize=False, max_length=32,
-        dtype="float32", template_version=1, template_hash="t", dataset_name=schema.name,
-        dataset_fingerprint=schema.fingerprint, created_at=datetime.now(UTC).isoformat())
-    table = root / "fields.parquet"
-    write_table_file(table, np.arange(k, dtype=np.int64), vectors, meta)
+    vectors = np.random.default_rng(0).standard_normal((len(schema.fields), 8))
+    table = write_synthetic_table(root / "fields.parquet", schema, FeatureEntity.FIELD, vectors, model_name="test-fields")
     return data, table
 
 

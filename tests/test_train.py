@@ -191,23 +191,62 @@ def test_existing_run_is_not_overwritten_without_resume(ml100k, tmp_path):
         Trainer(_cfg(ml100k, tmp_path, "train.resume=false"))
 
 
-@pytest.mark.distributed
-@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
-def test_two_gloo_ranks_shard_and_train(ml100k, tmp_path, sharding):
+def _torchrun_train(data: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``recsys.train`` on 2 gloo ranks with the settings of ``_cfg`` (so a 1-rank Trainer can take the run over)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "recsys.train", f"data.path={ml100k}", f"train.out_dir={tmp_path}", "name=t2",
-           "data.batch_size=2048", "data.eval_batch_size=4096", "model.deepfm.hidden=[64,64]",
-           "train.progress=false", "train.epochs=1", "train.max_steps_per_epoch=8",
-           f"train.sharding_types=[{sharding}]", "model.embedding_dim=8"]
+           "-m", "recsys.train", f"data.path={data}", f"train.out_dir={out}", "name=t", "data.batch_size=2048",
+           "data.eval_batch_size=4096", "model.deepfm.hidden=[64,64]", "train.progress=false", "train.epochs=2",
+           "train.patience=5", "train.max_steps_per_epoch=12", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads((tmp_path / "t2" / "test_metrics.json").read_text())
+    return proc
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("sharding", ["table_wise", "column_wise"])
+def test_two_gloo_ranks_train_export_and_move_to_one_rank(ml100k, tmp_path, sharding):
+    """A run on 2 ranks is the same model exported, and on 1 rank: the export scores the test split to the
+    run's reported AUC, and the run taken over by 1 rank evaluates to the same validation AUC."""
+    from recsys.serve.artifact import export_run, load_exported
+    from recsys.serve.score import score_file
+    from recsys.train.trainer import Trainer
+
+    _torchrun_train(ml100k, tmp_path, "train.epochs=1", f"train.sharding_types=[{sharding}]")
+    result = json.loads((tmp_path / "t" / "test_metrics.json").read_text())
     assert result["world_size"] == 2
     assert result["test_rows"] == json.loads((ml100k / "schema.json").read_text())["counts"]["test"]
-    plan = (tmp_path / "t2" / "plan.txt").read_text()
+    plan = (tmp_path / "t" / "plan.txt").read_text()
     assert sharding in plan
     if sharding == "table_wise":  # tables are spread over both ranks
         assert "[0]" in plan and "[1]" in plan
     else:  # each table split into column shards on both ranks
         assert "[0, 1]" in plan
+
+    export = export_run(tmp_path / "t", tmp_path / "export")
+    scored = score_file(load_exported(export), ml100k / "test.parquet", tmp_path / "scores.parquet", progress=False)
+    assert scored["rows"] == result["test_rows"]
+    assert abs(scored["auc"] - result["test_auc"]) <= 1e-6
+    assert abs(scored["logloss"] - result["test_logloss"]) <= 1e-6
+
+    moved = Trainer(_cfg(ml100k, tmp_path, "train.epochs=1")).fit()  # 1 rank resumes the finished run
+    assert moved["world_size"] == 1
+    for key in ("valid_auc", "valid_logloss", "test_auc", "test_logloss"):
+        assert abs(moved[key] - result[key]) <= 1e-6, key
+
+
+@pytest.mark.distributed
+def test_one_rank_run_moved_to_two_ranks_evaluates_the_same_and_trains_on(ml100k, tmp_path):
+    from recsys.train.trainer import Trainer
+
+    before = Trainer(_cfg(ml100k, tmp_path, "train.epochs=1")).fit()
+    _torchrun_train(ml100k, tmp_path, "train.epochs=1", "train.sharding_types=[table_wise]")
+    moved = json.loads((tmp_path / "t" / "test_metrics.json").read_text())
+    assert moved["world_size"] == 2 and "[1]" in (tmp_path / "t" / "plan.txt").read_text()
+    for key in ("valid_auc", "valid_logloss", "test_auc", "test_logloss"):
+        assert abs(moved[key] - before[key]) <= 1e-6, key
+    # and it trains on from the moved checkpoint (optimizer state resharded by DCP)
+    _torchrun_train(ml100k, tmp_path, "train.epochs=2", "train.sharding_types=[table_wise]")
+    history = json.loads((tmp_path / "t" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [0, 1]
+    assert history[0]["valid_auc"] == before["valid_auc"]

@@ -11,9 +11,20 @@ import torch
 from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys.data.batch import Batch
 from recsys.data.schema import PreparedSchema
+
+
+def pooled_by_name(pooled: KeyedTensor, names: list[str]) -> torch.Tensor:
+    """``[B, len(names) * D]``: the pooled embeddings of ``names``, in that order, read by feature name.
+
+    Never rely on the order of a KeyedTensor's keys: a sharded EmbeddingBagCollection returns them grouped
+    by shard, so the order follows the sharding plan (table-wise over 2 ranks, ``a..e`` come back as
+    ``a, c, e, b, d``). ``regroup`` is TorchRec's own by-name permutation (one FBGEMM kernel), as in its DLRM.
+    """
+    return KeyedTensor.regroup([pooled], [names])[0]
 
 
 def _bag_configs(schema: PreparedSchema, dim: int, prefix: str) -> list[EmbeddingBagConfig]:
@@ -55,10 +66,6 @@ class SparseArch(nn.Module):
         self.sparse_names = [f.name for f in schema.sparse_fields]
         self.dense_names = [f.name for f in schema.dense_fields]
         self.ebc = EmbeddingBagCollection(_bag_configs(schema, embedding_dim, "t_"), device=device)
-        keys = [n for c in self.ebc.embedding_bag_configs() for n in c.feature_names]
-        # Pooled outputs come grouped by table; remember how to put them back in schema order.
-        self._order = [keys.index(n) for n in self.sparse_names]
-        self._in_order = self._order == list(range(len(keys)))
         self.dense_weight = (nn.Parameter(torch.empty(len(self.dense_names), embedding_dim, device=device))
                              if self.dense_names else None)
         if device.type != "meta":
@@ -77,10 +84,8 @@ class SparseArch(nn.Module):
         return len(self.sparse_names) + len(self.dense_names)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        pooled = self.ebc(batch.sparse_features).values()
+        pooled = pooled_by_name(self.ebc(batch.sparse_features), self.sparse_names)  # schema order, any plan
         emb = pooled.view(pooled.shape[0], -1, self.embedding_dim)
-        if not self._in_order:
-            emb = emb[:, self._order]
         if self.dense_names:
             dense = batch.dense_features.unsqueeze(-1) * self.dense_weight  # [B, n_dense, D]
             emb = torch.cat([emb, dense], dim=1)
@@ -100,6 +105,7 @@ class FirstOrderArch(nn.Module):
         super().__init__()
         device = device or torch.device("meta")
         self.ebc = EmbeddingBagCollection(_bag_configs(schema, self.DIM, "lr_"), device=device)
+        self.sparse_names = [f.name for f in schema.sparse_fields]
         self.dense = nn.Linear(len(schema.dense_fields), 1, device=device) if schema.dense_fields else None
         self.bias = nn.Parameter(torch.zeros(1, device=device))
 
@@ -107,7 +113,8 @@ class FirstOrderArch(nn.Module):
         nn.init.zeros_(self.bias)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        out = self.ebc(batch.sparse_features).values().sum(dim=1) + self.bias
+        # a sum is order-free, but read by name anyway: no code depends on a sharded module's key order
+        out = pooled_by_name(self.ebc(batch.sparse_features), self.sparse_names).sum(dim=1) + self.bias
         if self.dense is not None:
             out = out + self.dense(batch.dense_features).squeeze(-1)
         return out  # [B]

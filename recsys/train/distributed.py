@@ -107,17 +107,26 @@ def fuse_embedding_optimizer(model: nn.Module, cfg: OptimConfig) -> None:
     apply_optimizer_in_backward(opt_cls, params, kwargs)
 
 
-def plan_and_shard(model: nn.Module, env: DistEnv, per_rank_batch: int,
-                   sharding_types: list[str] | None) -> tuple[DistributedModelParallel, ShardingPlan]:
-    # Column-wise shards are at least min_partition wide (default 32, wider than CTR tables): when asked
-    # for column-wise sharding, allow one shard per rank so that it actually splits a table.
-    split = bool(sharding_types) and any("column" in t for t in sharding_types)
-    allowed = list(sharding_types or (CPU_SHARDING_TYPES if env.device.type == "cpu" else GPU_SHARDING_TYPES))
-    constraints = {
-        cfg.name: ParameterConstraints(
-            sharding_types=allowed,
-            min_partition=max(4, cfg.embedding_dim // env.world_size) if split else None)
-        for ebc in embedding_tables(model) for cfg in ebc.embedding_bag_configs()}
+def plan_and_shard(model: nn.Module, env: DistEnv, per_rank_batch: int, sharding_types: list[str] | None,
+                   table_sharding: dict[str, str] | None = None) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Plan and shard every embedding table of ``model``.
+
+    ``sharding_types`` limits what the planner may choose for every table (None: any this device allows);
+    ``table_sharding`` fixes the type of single tables by name (``{"t_user_id": "column_wise"}``).
+    """
+    default = list(sharding_types or (CPU_SHARDING_TYPES if env.device.type == "cpu" else GPU_SHARDING_TYPES))
+    check_sharding_types(list((table_sharding or {}).values()), env.device)
+
+    def constraint(table: str, dim: int) -> ParameterConstraints:
+        allowed = [table_sharding[table]] if table_sharding and table in table_sharding else default
+        # Column-wise shards are at least min_partition wide (default 32, wider than CTR tables): when asked
+        # for column-wise sharding, allow one shard per rank so that it actually splits a table.
+        split = (bool(sharding_types) or allowed is not default) and any("column" in t for t in allowed)
+        return ParameterConstraints(sharding_types=allowed,
+                                    min_partition=max(4, dim // env.world_size) if split else None)
+
+    constraints = {cfg.name: constraint(cfg.name, cfg.embedding_dim)
+                   for ebc in embedding_tables(model) for cfg in ebc.embedding_bag_configs()}
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=env.world_size, local_world_size=env.local_world_size,
                           compute_device=env.device.type),
