@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from recsys.data.batch import Batch
 from recsys.data.schema import PreparedSchema
 from recsys.models import BACKBONES, build_backbone
 from recsys.models.base import Backbone
-from recsys.train.checkpoint import load_part
+from recsys.train.checkpoint import UnsafeCheckpointError, load_part
 from recsys.train.config import ConfigError, from_dict, load_config
 
 FORMAT_VERSION = 1
@@ -89,6 +90,9 @@ def load_exported(folder: str | Path) -> ExportedModel:
     schema = PreparedSchema.load(folder)
     config = from_dict(spec.config, meta["backbone_config"], f"{folder / 'export.json'}:backbone_config")
     model = build_backbone(meta["backbone"], schema, meta["embedding_dim"], config, device=torch.device("cpu"))
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    try:  # plain tensors only: weights_only refuses any other object, so loading runs no code
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(f"refusing {folder / 'model.pt'}: it holds more than tensors ({e})") from None
     model.load_state_dict(state)
     return ExportedModel(model.eval(), schema, meta)

@@ -51,11 +51,19 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
+        from recsys.train.checkpoint import UnsafeCheckpointError
         from recsys.train.trainer import Trainer, results_table  # heavy imports after --help
+    except ConfigError as e:
+        print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    try:
         trainer = Trainer(cfg)
         result = trainer.fit()
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
+        return 2
+    except UnsafeCheckpointError as e:
+        print(f"checkpoint refused: {e}", file=sys.stderr)
         return 2
     if trainer.env.is_main:
         print(results_table(result))

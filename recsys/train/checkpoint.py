@@ -2,24 +2,133 @@
 
 A checkpoint is a folder: DCP's shard files plus ``meta.json`` (epoch, metrics, early-stopping state).
 Every rank writes its shards into ``.<name>.tmp``; after a barrier rank 0 adds ``meta.json`` and renames
-the folder into place. A folder without ``meta.json`` (a crash mid-write) is never loaded. Loading goes
-through DCP, which reads tensors and never runs code from the file.
+the folder into place. A folder without ``meta.json`` (a crash mid-write) is never loaded.
+
+Loading never runs code from the files. DCP itself would: its ``.metadata`` is a pickle that
+``FileSystemReader`` reads with plain ``pickle.load``, and its planner reads non-tensor entries with
+``torch.load(weights_only=False)``. Every read here goes through :class:`SafeReader` (the metadata through
+an unpickler that admits only the classes DCP's metadata is made of, and data files only inside the
+checkpoint folder) and :class:`SafeLoadPlanner` (non-tensor entries with ``weights_only=True``).
 """
 
 from __future__ import annotations
 
+import io
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.optim import Optimizer
 
 META = "meta.json"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint whose files could run code or reach outside its folder; the message names the file."""
+
+
+# Everything a DCP ``.metadata`` pickle of this torch version is made of (read off real checkpoints).
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # looks a layout up by its name among torch's layouts
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_CLASSES or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(f"it refers to {module}.{name}, which is not part of DCP's metadata")
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file-system reader, with the metadata read by a restricted unpickler and every data file checked
+    to be a regular file inside the checkpoint folder (no ``..``, no absolute path, no symlink out)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self._get_metadata_path(kwargs.get("rank")))
+        folder = Path(self.path)
+        if folder.is_symlink():  # the writer renames a real folder into place; a link points elsewhere
+            raise UnsafeCheckpointError(f"checkpoint folder {folder} is a symbolic link (to {folder.resolve()})")
+        _check_inside(path, folder)
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+        except UnsafeCheckpointError as e:
+            raise UnsafeCheckpointError(f"refusing checkpoint metadata {path}: {e}") from None
+        except (pickle.UnpicklingError, EOFError, AttributeError, TypeError, ValueError) as e:
+            raise UnsafeCheckpointError(f"checkpoint metadata {path} is not a DCP metadata file: {e}") from None
+        if not isinstance(metadata, Metadata):
+            raise UnsafeCheckpointError(f"checkpoint metadata {path} holds a {type(metadata).__name__}, not DCP "
+                                        "Metadata")
+        for info in (metadata.storage_data or {}).values():
+            _check_inside(folder / info.relative_path, folder)
+        if getattr(metadata, "storage_meta", None) is None:  # as FileSystemReader.read_metadata does
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _check_inside(path: Path, folder: Path) -> None:
+    root = folder.resolve()
+    real = path.resolve()
+    if real != root and root not in real.parents:
+        raise UnsafeCheckpointError(f"checkpoint file {path} points outside its folder {folder} (to {real})")
+    if path.is_symlink():
+        raise UnsafeCheckpointError(f"checkpoint file {path} is a symbolic link; a checkpoint holds plain files")
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, but non-tensor entries are unpickled with ``weights_only=True``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeCheckpointError(f"refusing checkpoint entry {read_item.dest_index.fqn!r}: {e}") from None
+        super().load_bytes(read_item, _pickled(obj))
+
+
+def _pickled(obj: Any) -> io.BytesIO:
+    """``obj`` saved again, for the parent planner's reader (it is plain data now)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
+
+
+def _load(state: dict[str, Any], path: Path | str, partial: bool = False) -> None:
+    saved_tensors(path)  # refuse hostile metadata here: inside dcp.load the error comes back re-wrapped
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(allow_partial_load=partial))
+    except CheckpointException as e:  # a BaseException: unwrap our refusal so that callers see it as such
+        for exc, _ in e.failures.values():
+            if isinstance(exc, UnsafeCheckpointError):
+                raise UnsafeCheckpointError(str(exc)) from None
+        raise
+
+
+def saved_tensors(path: Path | str) -> dict[str, Any]:
+    """The names (and storage metadata) of what checkpoint ``path`` holds, read safely."""
+    return SafeReader(str(path)).read_metadata().state_dict_metadata
 
 
 def _barrier() -> None:
@@ -64,13 +173,13 @@ class Checkpointer:
             raise FileNotFoundError(f"no complete checkpoint {self.path(name)} (missing {META})")
         path = str(self.path(name))
         state = {"model": model.state_dict()}
-        dcp.load(state, checkpoint_id=path)
+        _load(state, path)
         model.load_state_dict(state["model"])
         if optimizer is not None:
             # Partial: a dummy step creates optimizer state for parameters that never had a gradient,
             # which the checkpoint rightly lacks. Every parameter's weights were loaded strictly above.
             state = {"optim": optimizer.state_dict()}
-            dcp.load(state, checkpoint_id=path, planner=DefaultLoadPlanner(allow_partial_load=True))
+            _load(state, path, partial=True)
             optimizer.load_state_dict(state["optim"])
         return self.meta(name)
 
@@ -86,7 +195,7 @@ def load_part(path: str | Path, module: nn.Module, target_prefix: str = "", sour
     path = Path(path)
     if not (path / META).is_file():
         raise FileNotFoundError(f"no complete checkpoint {path} (missing {META})")
-    saved = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = saved_tensors(path)
     own = {k: v for k, v in module.state_dict().items() if k.startswith(target_prefix)}
     wanted = {source_prefix + k[len(target_prefix):]: v for k, v in own.items()}
     missing = sorted(k for k in wanted if f"model.{k}" not in saved)
@@ -94,7 +203,7 @@ def load_part(path: str | Path, module: nn.Module, target_prefix: str = "", sour
         raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}: "
                          "was it written by another backbone or configuration?")
     state = {"model": wanted}
-    dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
+    _load(state, path, partial=True)
     loaded = {target_prefix + k[len(source_prefix):]: v for k, v in state["model"].items()}
     module.load_state_dict(loaded, strict=False)
     return len(loaded)
