@@ -73,7 +73,10 @@ def _train(config: str, overrides: list[str], j: str, image: str, cpu: int, gpu:
     _check_training_config(config, overrides, nodes * procs, local)
     app = dist.ddp("--config", config, *overrides, m="recsys.train", j=j, image=image, cpu=cpu, gpu=gpu,
                    memMB=memMB, max_retries=max_retries, name="llmctr/train",
-                   env={"OMP_NUM_THREADS": str(max(1, cpu // procs))})
+                   env={"OMP_NUM_THREADS": str(max(1, cpu // procs)),
+                        # a fresh rendezvous store per restart: no rank reads a lost rank's stale address
+                        # (pytorch/pytorch#135712; see recsys.train.distributed._restart_safe_store)
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     # torchrun restarts all workers when one fails (they resume from the last complete checkpoint);
     # max_retries is the scheduler's own retry of the whole replica.
     role = app.roles[0]

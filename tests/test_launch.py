@@ -16,6 +16,7 @@ import torch
 from launch import components
 from recsys.data.prepare import prepare
 from recsys.data.schema import load_schema
+from recsys.train.distributed import INIT_TIMEOUT_EXIT
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = str(Path(sys.executable).parent)
@@ -53,7 +54,7 @@ def test_train_cluster_appdef(ml100k):
     assert cmd.startswith("torchrun --max_restarts 3 ")
     assert "--nnodes 2 --nproc_per_node 8" in cmd
     assert f"-m recsys.train --config {CONFIG} data.path={ml100k} train.seed=3" in cmd
-    assert role.env["OMP_NUM_THREADS"] == "4"
+    assert role.env["OMP_NUM_THREADS"] == "4" and role.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
 
 
 def test_train_local_appdef_checks_the_dataset(ml100k, tmp_path):
@@ -113,6 +114,40 @@ def test_two_ranks_through_torchx(ml100k, tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     result = json.loads((tmp_path / "tx" / "test_metrics.json").read_text())
     assert result["world_size"] == 2 and result["test_auc"] > 0.6
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("share_store", [True, False], ids=["shared_store", "store_per_round"])
+def test_restarted_ranks_form_a_new_group_every_time(tmp_path, share_store):
+    # torchrun's default shares one store across restarts, where a restarted gloo rank used to read the dead
+    # rank's address (pytorch/pytorch#135712): it failed to connect or hung. Three restarts in a row.
+    env = {**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}", "PYTHONPATH": str(REPO), "KILLS": "3",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0" if share_store else "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([f"{VENV_BIN}/torchrun", "--max_restarts", "3", "--nproc_per_node", "2", "--rdzv_backend",
+                           "c10d", "--rdzv_endpoint", "localhost:0", str(REPO / "tests" / "restart_worker.py")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    for attempt in range(4):
+        for rank in (0, 1):
+            assert f"attempt {attempt} rank {rank} formed" in out, out[-3000:]
+
+
+def test_a_group_that_cannot_form_ends_the_process(tmp_path):
+    # rank 0 of 2 with no rank 1 ever coming: the watchdog ends it after the bound instead of waiting forever
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "localhost", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "2",
+           "RECSYS_DIST_INIT_TIMEOUT_S": "3", "PYTHONPATH": str(REPO)}
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-c", "from recsys.train.distributed import init_distributed; "
+                           "init_distributed()"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == INIT_TIMEOUT_EXIT, proc.stderr[-2000:]
+    assert time.time() - started < 60
+    assert "rank 0: the process group was not formed within 3 s" in proc.stderr, proc.stderr[-2000:]
 
 
 def _worker_pids(rank: int, run_marker: str) -> list[int]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -45,14 +47,16 @@ class DistEnv:
         return self.rank == 0
 
 
-def init_distributed(timeout_s: float = 300.0) -> DistEnv:
+def init_distributed(timeout_s: float = 300.0, init_timeout_s: float = 60.0) -> DistEnv:
     """Join the job's process group (torchrun/TorchX set RANK etc.), or make a 1-process group.
 
-    NCCL on GPUs, gloo on CPUs. ``timeout_s`` bounds how long a collective waits for a lost rank; the
-    environment variable ``RECSYS_DIST_TIMEOUT_S`` overrides it (a short one lets torchrun's next restart
-    come sooner when a re-rendezvous hangs).
+    NCCL on GPUs, gloo on CPUs. ``timeout_s`` bounds how long a collective waits for a lost rank
+    (``RECSYS_DIST_TIMEOUT_S`` overrides it). Forming the group (connecting every rank and one barrier) must
+    finish within ``init_timeout_s`` (``RECSYS_DIST_INIT_TIMEOUT_S``), or the process exits with
+    ``INIT_TIMEOUT_EXIT`` so that torchrun restarts the ranks or fails the job, instead of waiting forever.
     """
     timeout_s = float(os.environ.get("RECSYS_DIST_TIMEOUT_S", timeout_s))
+    init_timeout_s = float(os.environ.get("RECSYS_DIST_INIT_TIMEOUT_S", init_timeout_s))
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -65,10 +69,63 @@ def init_distributed(timeout_s: float = 300.0) -> DistEnv:
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
+            with _init_watchdog(rank, init_timeout_s):
+                dist.init_process_group(backend, store=_restart_safe_store(timeout), rank=rank, world_size=world,
+                                        timeout=timeout)
+                dist.barrier()
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     return DistEnv(rank, world, local_rank, local_world, device)
+
+
+INIT_TIMEOUT_EXIT = 75  # EX_TEMPFAIL: a restart may succeed
+
+
+@contextlib.contextmanager
+def _init_watchdog(rank: int, bound_s: float):
+    """End this process if the process group is not formed within ``bound_s``: a backstop, not the fix.
+
+    A rank blocked in a gloo/NCCL connect cannot be interrupted from Python, so the watchdog exits hard; the
+    elastic agent sees the failure and restarts every rank (or, out of restarts, fails the job naming this one).
+    """
+    def expire() -> None:
+        log.error("rank %d: the process group was not formed within %.0f s (store %s:%s, attempt %s); exiting so "
+                  "that torchrun can restart the ranks", rank, bound_s, os.environ.get("MASTER_ADDR"),
+                  os.environ.get("MASTER_PORT"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        logging.shutdown()
+        os._exit(INIT_TIMEOUT_EXIT)
+
+    timer = threading.Timer(bound_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _restart_safe_store(timeout: timedelta) -> dist.Store | None:
+    """The store the process group forms in, with no key left from an earlier attempt of the job.
+
+    torchrun's c10d rendezvous shares one TCP store across restarts by default, and the process group's keys
+    (each rank's gloo address, NCCL's unique id) carry no attempt number, so a restarted rank can read the
+    dead rank's address and connect to nothing, or hang (pytorch/pytorch#135712). The TorchX components set
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, which gives every rendezvous round a fresh store: then, as
+    without torchrun, None (``init_process_group``'s own env:// rendezvous). When the store is shared and the
+    job runs on one node, there is one agent, whose restart count is the same for every rank: it names the
+    attempt. Across nodes each agent counts for itself, so only the variable helps.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if int(os.environ.get("GROUP_WORLD_SIZE", 1)) > 1:
+        if int(os.environ.get("RANK", 0)) == 0 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) > 0:
+            log.warning("torchrun shares one TCP store across restarts on several nodes: a restart can read a lost "
+                        "rank's stale address and fail or hang (pytorch/pytorch#135712); launch with "
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the TorchX components do)")
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def embedding_tables(model: nn.Module) -> list[EmbeddingBagCollection]:
