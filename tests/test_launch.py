@@ -184,6 +184,7 @@ def test_lost_rank_fails_fast_then_rerun_resumes(ml100k, tmp_path):
     killed_at = time.time()
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0
+    print(f"FAULT lost rank, no restart: the job failed {time.time() - killed_at:.1f} s after the SIGKILL")
     assert time.time() - killed_at < 120, "the job hung after losing a rank"
     assert "SIGKILL" in out and "rank" in out and "1" in out, out[-3000:]
     finished = json.loads((tmp_path / "tx" / "checkpoints" / "last" / "meta.json").read_text())["epoch"]
@@ -199,15 +200,17 @@ def test_lost_rank_fails_fast_then_rerun_resumes(ml100k, tmp_path):
 
 @pytest.mark.distributed
 def test_lost_rank_restarts_by_itself(ml100k, tmp_path):
-    # More than one restart allowed: on a loaded machine torch elastic's first re-rendezvous after a SIGKILL
-    # can itself fail to connect the gloo mesh; the job must still recover on its own.
-    # A hung re-rendezvous then fails after 60 s instead of the default 300 s, and torchrun tries again.
-    args = _run_args(ml100k, tmp_path, "--max_restarts", "3") + ["train.epochs=3"]
-    proc = _torchx(*args, background=True, env={"RECSYS_DIST_TIMEOUT_S": "60"})
+    # One restart allowed, and one must do: the restarted ranks form a new group and resume (no retry hides a
+    # failed re-rendezvous).
+    args = _run_args(ml100k, tmp_path, "--max_restarts", "1") + ["train.epochs=3"]
+    proc = _torchx(*args, background=True)
     _kill_rank_after_first_checkpoint(proc, tmp_path / "tx", str(tmp_path))
+    killed_at = time.time()
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
-    assert "resumed from" in out  # the restarted ranks continued from the checkpoint
+    print(f"FAULT lost rank, restarts: the job finished {time.time() - killed_at:.1f} s after the SIGKILL, "
+          f"{out.count('resumed from')} restart(s)")
+    assert out.count("resumed from") == 1, out[-3000:]  # the restarted ranks continued from the checkpoint
     history = json.loads((tmp_path / "tx" / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2]
 
