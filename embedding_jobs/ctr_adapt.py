@@ -56,8 +56,6 @@ import argparse
 import copy
 import json
 import logging
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -82,6 +80,7 @@ from embedding_jobs.model_files import (
 )
 from embedding_jobs.prepared import PreparedData
 from embedding_jobs.templates import TemplateOptions, TextTable, item_texts, user_texts
+from recsys.atomic import atomic_dir
 from recsys.data.sources import DataError
 from recsys.train.metrics import auc, logloss
 
@@ -460,20 +459,10 @@ def adapt(opts: AdaptOptions, progress: bool = True) -> dict:
 
 
 def _save_atomically(model: ElecModel, config: HeadConfig, report: dict, out: Path) -> None:
-    """Write into a temporary sibling folder, then rename it to ``out``: a crash leaves no half-written model."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = (out.parent / f".{out.name}.{what}-{os.getpid()}" for what in ("tmp", "old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """A crash leaves the previous folder or the new one, never a half-written model."""
+    with atomic_dir(out) as tmp:
         model.save(tmp, config)
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        if out.exists():  # --overwrite
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:

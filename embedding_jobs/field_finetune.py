@@ -42,6 +42,7 @@ from embedding_jobs.model_files import (
 )
 from embedding_jobs.prepared import PreparedData
 from embedding_jobs.templates import field_texts
+from recsys.atomic import atomic_dir
 from recsys.data.schema import FIRST_ID, FieldKind
 
 log = logging.getLogger(__name__)
@@ -199,13 +200,13 @@ def finetune(opts: FieldTuneOptions, progress: bool = True) -> dict:
     train_s = time.perf_counter() - start
     after = enc.accuracy(held, fields)
     log.info("held-out field accuracy after fine-tuning: %.3f (before %.3f)", after, before)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    enc.save(opts.out)
     report = {"accuracy_before": before, "accuracy_after": after, "chance": 1 / len(fields),
               "train_pairs": len(train.texts), "heldout_pairs": len(held.texts), "steps": steps,
               "train_seconds": train_s, "stopped_by_time_budget": stopped, "dataset_fingerprint":
               data.schema.fingerprint, "options": {k: str(v) for k, v in asdict(opts).items()}}
-    (opts.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    with atomic_dir(opts.out) as tmp:  # a crash leaves the previous folder or the new one, never half of one
+        enc.save(tmp)
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from recsys.atomic import commit_dir, fresh_tmp
 from recsys.data.lists import Lists
 from recsys.data.schema import (
     FIRST_ID,
@@ -283,8 +282,8 @@ def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress
 
     stages.set_postfix_str("writing")
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _check_replaceable(out)
+    tmp = fresh_tmp(out)
     (tmp / "vocab").mkdir()
     stats: dict = {"rows_read": n_all, "rows_dropped_by_label_rule": int(n_all - len(keep)),
                    "positive_rate": {}, "unknown_values": {}, "skipped_fields": skipped}
@@ -337,7 +336,8 @@ def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress
                 "history_length": schema.history_length if history_span is not None else None},
     )
     (tmp / "schema.json").write_text(prepared.to_json())
-    _replace_dir(tmp, out)
+    commit_dir(tmp, out)
+    out.chmod(0o755)
     stages.update()
     stages.set_postfix_str("done")
     stages.update()
@@ -376,18 +376,6 @@ def _write_vocab(vocab: Vocabulary, f: FieldSpec, path: Path) -> None:
     pq.write_table(pa.table(columns), path, compression="zstd")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished folder into place, so a crash never leaves a half-written prepared dataset."""
-    out = out.resolve()
-    if out.exists():
-        if not (out / "schema.json").is_file() and any(out.iterdir()):
-            raise DataError(f"{out} exists, is not empty and is not a prepared dataset: refusing to replace it")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        for p in sorted(old.rglob("*"), reverse=True):
-            p.rmdir() if p.is_dir() else p.unlink()
-        old.rmdir()
-    else:
-        tmp.rename(out)
-    out.chmod(0o755)
+def _check_replaceable(out: Path) -> None:
+    if out.is_dir() and not (out / "schema.json").is_file() and any(out.iterdir()):
+        raise DataError(f"{out} exists, is not empty and is not a prepared dataset: refusing to replace it")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import pickle
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from recsys.atomic import atomic_dir
 from recsys.data.batch import Batch
 from recsys.data.schema import PreparedSchema
 from recsys.models import BACKBONES, build_backbone
@@ -48,6 +48,8 @@ class ExportedModel:
 def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
     """Write the served backbone of a finished training run to ``out`` (replaced atomically)."""
     run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and not (out / "export.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an exported model: refusing to replace it")
     cfg = load_config(run_dir / "config.yaml")
     if cfg.method.name not in EXPORTABLE:
         raise ConfigError(f"{run_dir} trained method {cfg.method.name!r}; only {EXPORTABLE} export as a bare "
@@ -64,14 +66,10 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -
         "checkpoint": checkpoint, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "test_metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
     }
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save(backbone.state_dict(), tmp / "model.pt")
-    (tmp / "schema.json").write_text(schema.to_json())
-    (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        torch.save(backbone.state_dict(), tmp / "model.pt")
+        (tmp / "schema.json").write_text(schema.to_json())
+        (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
 
 

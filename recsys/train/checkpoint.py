@@ -2,7 +2,7 @@
 
 A checkpoint is a folder: DCP's shard files plus ``meta.json`` (epoch, metrics, early-stopping state).
 Every rank writes its shards into ``.<name>.tmp``; after a barrier rank 0 adds ``meta.json`` and renames
-the folder into place. A folder without ``meta.json`` (a crash mid-write) is never loaded.
+the folder into place (``recsys.atomic``). A folder without ``meta.json`` (a crash mid-write) is never loaded.
 
 Loading never runs code from the files. DCP itself would: its ``.metadata`` is a pickle that
 ``FileSystemReader`` reads with plain ``pickle.load``, and its planner reads non-tensor entries with
@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.optim import Optimizer
+
+from recsys.atomic import commit_dir, fresh_tmp, recover_dir, sibling
 
 META = "meta.json"
 
@@ -140,6 +141,10 @@ class Checkpointer:
     def __init__(self, root: Path, is_main: bool) -> None:
         self.root = Path(root)
         self.is_main = is_main
+        if is_main and self.root.is_dir():  # a crash halfway through a commit left only ".<name>.old"
+            for old in self.root.glob(".*.old"):
+                recover_dir(self.root / old.name[1:-len(".old")])
+        _barrier()
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -151,21 +156,15 @@ class Checkpointer:
         return json.loads((self.path(name) / META).read_text())
 
     def save(self, name: str, model: nn.Module, optimizer: Optimizer, meta: dict[str, Any]) -> None:
-        final, tmp = self.path(name), self.root / f".{name}.tmp"
+        final, tmp = self.path(name), sibling(self.path(name), "tmp")
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            fresh_tmp(final)
         _barrier()
         dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
         _barrier()
         if self.is_main:
             (tmp / META).write_text(json.dumps(meta, indent=2))
-            old = self.root / f".{name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            commit_dir(tmp, final)
         _barrier()
 
     def load(self, name: str, model: nn.Module, optimizer: Optimizer | None) -> dict[str, Any]:
