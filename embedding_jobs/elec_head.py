@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from embedding_jobs.model_files import ModelError
+from recsys.data.schema import SchemaError, resolve_inside
 
 HEAD_CONFIG = "elec_head.json"
 HEAD_WEIGHTS = "elec_head/elec_head.safetensors"
@@ -83,6 +84,10 @@ def read_head_config(folder: Path) -> HeadConfig | None:
     if config.activation != "gelu" or config.pooling != "mean" or config.format_version != 1:
         raise ModelError(f"{path}: activation {config.activation!r}, pooling {config.pooling!r}, format "
                          f"{config.format_version}: only gelu, mean and format 1 are supported")
+    try:
+        resolve_inside(folder, config.weights, str(path))
+    except SchemaError as e:
+        raise ModelError(str(e)) from None
     if not (folder / config.weights).is_file():
         raise ModelError(f"{path} names the head weights {config.weights}, which are missing")
     return config

@@ -114,11 +114,13 @@ class PooledEncoder:
         from transformers import AutoModel, AutoTokenizer
 
         self.folder = folder
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
+                                                       local_files_only=True)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = "right"  # pooling expects right padding
-        self.model = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        self.model = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code, dtype=torch.float32,
+                                               local_files_only=True)
         self.pooling: Pooling = pooling or default_pooling(read_model_config(folder))
         self.normalize = normalize
         self.max_length = max_length

@@ -18,6 +18,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from recsys.data.schema import SchemaError, resolve_inside
+
 log = logging.getLogger(__name__)
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -166,7 +168,11 @@ def _sentence_transformers_pooling(folder: Path) -> Pooling | None:
             raise ModelError(f"{folder / 'modules.json'}: sentence-transformers module {kind!r} is not supported "
                              f"(only {sorted(_SUPPORTED_ST_MODULES)}): the engines would not reproduce it")
         if kind == "Pooling":
-            cfg = _read_json(folder / module.get("path", "") / "config.json")
+            try:
+                cfg = _read_json(resolve_inside(folder, module.get("path", ""), str(folder / "modules.json"))
+                                 / "config.json")
+            except SchemaError as e:
+                raise ModelError(str(e)) from None
             modes = {Pooling.MEAN: cfg.get("pooling_mode_mean_tokens"), Pooling.CLS: cfg.get("pooling_mode_cls_token"),
                      Pooling.LAST: cfg.get("pooling_mode_lasttoken")}
             chosen = [p for p, on in modes.items() if on]

@@ -318,6 +318,13 @@ class PreparedSchema:
         d = json.loads(path.read_text())
         fs = tuple(PreparedField(**{**f, "kind": FieldKind(f["kind"]), "entity": Entity(f["entity"])})
                    for f in d.pop("fields"))
+        for f in fs:  # names become file and folder names (vocabularies, feature tables): no path may escape
+            if not (_NAME_RE.match(f.name) and _NAME_RE.match(f.table)):
+                raise SchemaError(f"{path}: field {f.name!r} (table {f.table!r}): a name must match "
+                                  f"{_NAME_RE.pattern}")
+            if f.vocab_file not in (None, f"vocab/{f.table}.parquet"):
+                raise SchemaError(f"{path}: field {f.name!r} names the vocabulary file {f.vocab_file!r}; a prepared "
+                                  f"dataset keeps it at vocab/{f.table}.parquet")
         return cls(fields=fs, **d)
 
 

@@ -14,6 +14,7 @@ Overrides use dotted keys and YAML values: ``train.seed=3 model.deepfm.hidden=[2
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,6 +102,12 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        # the name is the run folder's name inside train.out_dir: it may not lead anywhere else
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name) or ".." in self.name:
+            raise ConfigError(f"name {self.name!r}: a run name is letters, digits, '_', '-' and '.' (it names the "
+                              "run folder inside train.out_dir)")
+
     @property
     def run_dir(self) -> Path:
         return Path(self.train.out_dir) / self.name
@@ -184,7 +191,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        try:
+            data = yaml.safe_load(path.read_text()) or {}  # safe_load: a tag never constructs an object
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: an experiment file is a mapping of sections")
     data = apply_overrides(data, overrides or [])
