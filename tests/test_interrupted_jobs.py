@@ -120,14 +120,17 @@ def test_training_killed_at_random_steps_then_resumed_equals_an_uninterrupted_ru
     cmd = lambda out: ("recsys.train", f"data.path={prepared_dir}", f"train.out_dir={out}", *TRAIN)  # noqa: E731
     points = _kill_points(tmp_path, 4, 2, *cmd(tmp_path / "reference"))
     reference = json.loads((tmp_path / "reference" / "t" / "test_metrics.json").read_text())
+    resumed_runs = 0
     for point in points:
         out = tmp_path / f"killed-{point}"
         _killed(point, tmp_path, *cmd(out))
         proc = subprocess.run([sys.executable, "-m", *cmd(out)], cwd=REPO, env=ENV, capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, f"killed at line {point}: {proc.stderr[-3000:]}"
+        resumed_runs += "resumed from" in proc.stdout + proc.stderr
         resumed = json.loads((out / "t" / "test_metrics.json").read_text())
         for key in ("valid_auc", "valid_logloss", "test_auc", "test_logloss", "best_epoch"):
             assert resumed.get(key) == reference.get(key), f"killed at line {point}: {key}"
         history = json.loads((out / "t" / "metrics.json").read_text())["history"]
         assert [h["epoch"] for h in history] == list(range(len(history))), f"killed at line {point}"
+    assert resumed_runs, "no kill point came after a checkpoint: the resume path was not exercised"
