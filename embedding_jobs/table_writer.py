@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys.atomic import fsync_dir
 from recsys.features.reader import read_file
 from recsys.features.table import (
     MANIFEST_FILE,
@@ -79,15 +80,7 @@ def write_table_file(path: Path, keys: np.ndarray, vectors: np.ndarray, metadata
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 class TableFolder:

@@ -19,7 +19,7 @@ def sibling(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}.{kind}"
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -54,7 +54,7 @@ def commit_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
