@@ -48,10 +48,9 @@ def main() -> int:
     from embedding_jobs.templates import TemplateOptions
     from recsys.data.loader import ParquetBatches
     from recsys.data.schema import PreparedSchema
-    from recsys.methods.registry import build_task
+    from recsys.experiment import build_task, load_config
     from recsys.serve import export_run, load_exported
     from recsys.train.checkpoint import load_part
-    from recsys.train.config import load_config
 
     tag = args.dataset.replace("-", "")
     bench = REPO / "runs" / "bench"

@@ -61,9 +61,7 @@ def main() -> int:
     p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"], help="engine of the field job")
     p.add_argument("overrides", nargs="+", help="section.key=value settings that make the variant")
     args = p.parse_args()
-    from recsys.methods.registry import build_task
-    from recsys.train.config import load_config
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_task, build_trainer, load_config
 
     tag = args.dataset.replace("-", "")
     data = REPO / "runs" / "data" / args.dataset
@@ -73,7 +71,7 @@ def main() -> int:
     config = f"benchmarks/configs/{tag}.yaml"
     cfgs = {"base": load_config(config, [*common, "name=base"]),
             "variant": load_config(config, [*common, "name=variant", *args.overrides])}
-    trainers = {k: Trainer(c) for k, c in cfgs.items()}
+    trainers = {k: build_trainer(c) for k, c in cfgs.items()}
     per_rank = cfgs["base"].data.batch_size
     loader = ParquetBatches(data, "train", schema, per_rank, shuffle=True, seed=1)
     train_s = {"base": [], "variant": []}

@@ -117,13 +117,12 @@ def main() -> int:
         subprocess.run([python(), "-m", "recsys.prepare", "--dataset", "ml-1m", "--out", str(args.data),
                         "--no-progress"], cwd=REPO, check=True)
     schema = PreparedSchema.load(args.data)
-    from recsys.train.config import load_config
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer, load_config
 
     tmp = tempfile.mkdtemp(prefix="bench-tp-")
     cfg = load_config(args.config, [f"data.path={args.data}", f"train.out_dir={tmp}", "name=tp",
                                     f"data.batch_size={args.batch_size}", "train.progress=false"])
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     plain, torchrec = [], []
     for r in range(args.rounds):
         batches = _batches(args.data, schema, args.batch_size, args.steps, r)

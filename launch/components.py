@@ -51,10 +51,14 @@ def _python_job(name: str, role: str, args: list[str], image: str, cpu: int, gpu
 
 
 def _check_training_config(config: str, overrides: list[str], world_size: int, local: bool) -> None:
-    from recsys.train.config import ConfigError, load_config  # torch import only when a component is built
+    from recsys.experiment import load_config  # torch import only when a component is built
+    from recsys.methods.registry import check_upstream
+    from recsys.train.config import ConfigError
 
     try:
         cfg = load_config(config, overrides)
+        if local:  # on a cluster the method's inputs live on the cluster's storage
+            check_upstream(cfg)
     except ConfigError as e:
         raise ValueError(f"--config {config}: {e}") from None
     for name in ("batch_size", "eval_batch_size"):

@@ -26,8 +26,16 @@ from torchx.runner import get_runner
 
 from launch import components
 
+Step = tuple[str, Callable[[], specs.AppDef | None]]
 
-def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], specs.AppDef | None]]]:
+
+def trained_runs(args: argparse.Namespace) -> list[str]:
+    """The run folders the pipeline's training steps write, in order: the final table lists them all."""
+    name = run_name(args)
+    return [f"{name}_{variant}" for variant in ("base", "llactr", "elec_gain", "elec_student")]
+
+
+def steps(args: argparse.Namespace) -> list[Step]:
     """The pipeline's steps; each AppDef is built just before it runs, once its inputs exist. A step whose
     output is already complete builds None and is skipped (a fine-tuned model is not trained again: its
     feature tables were made with exactly those weights)."""
@@ -38,8 +46,8 @@ def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], specs.AppDef
     image = {} if local else {"image": args.image}
     train = components.train_local if local else components.train_cluster
     size = {"j": f"1x{args.nproc}"} if local else {"j": args.j, **image}
-    name = run_name(args)
-    out: list[tuple[str, Callable[[], specs.AppDef | None]]] = [
+    base, llactr, gain, student = trained_runs(args)
+    out: list[Step] = [
         ("prepare", lambda: components.prepare(args.dataset, str(data), **image))]
     fields_model = root / "models" / f"{args.dataset}-fields"
     out.append(("fine-tune fields", lambda: None if (fields_model / "report.json").is_file() else
@@ -54,21 +62,19 @@ def steps(args: argparse.Namespace) -> list[tuple[str, Callable[[], specs.AppDef
         out.append((f"embed {entity}", lambda e=entity: components.embed(
             e, str(data), str(features), model=str(elec_model), engine=args.engine, replicas=args.replicas,
             **image)))
-    out.append(("train base", lambda: train(args.config, *common, f"name={name}_base", **size)))
-    out.append(("train llactr", lambda: train(args.config, *common, f"name={name}_llactr", "method.name=llactr",
+    out.append(("train base", lambda: train(args.config, *common, f"name={base}", **size)))
+    out.append(("train llactr", lambda: train(args.config, *common, f"name={llactr}", "method.name=llactr",
                                               f"method.llactr.field_table={features / 'field'}", **size)))
     out.append(("train ELEC gain", lambda: train(
-        args.config, *common, f"name={name}_elec_gain", "method.name=elec_gain",
+        args.config, *common, f"name={gain}", "method.name=elec_gain",
         f"method.elec.user_table={features / 'user'}", f"method.elec.item_table={features / 'item'}", **size)))
     distill = components.distill_local if local else components.distill_cluster
     out.append(("distill ELEC student", lambda: distill(
-        args.config, str(runs / f"{name}_elec_gain"), *common, f"name={name}_elec_student",
-        *args.distill, **size)))
-    export_dir = root / "export" / f"{name}_elec_student"
-    out.append(("export student", lambda: components.export(str(runs / f"{name}_elec_student"), str(export_dir),
-                                                            **image)))
+        args.config, str(runs / gain), *common, f"name={student}", *args.distill, **size)))
+    export_dir = root / "export" / student
+    out.append(("export student", lambda: components.export(str(runs / student), str(export_dir), **image)))
     out.append(("evaluate exported student", lambda: components.evaluate(
-        str(export_dir), str(data / "test.parquet"), str(root / "scores" / f"{name}_elec_student_test.parquet"),
+        str(export_dir), str(data / "test.parquet"), str(root / "scores" / f"{student}_test.parquet"),
         metrics=str(export_dir / "test_metrics.json"), **image)))
     return out
 
@@ -127,13 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     if not args.dryrun:
         runs = Path(args.root) / "runs"
-        name = run_name(args)
+        prefix = run_name(args) + "_"
         print(f"\n{'model':<22} {'valid AUC':>9} {'valid logloss':>13} {'test AUC':>9} {'test logloss':>12}")
-        for variant in ("base", "llactr", "elec_gain", "elec_student"):
-            r = json.loads((runs / f"{name}_{variant}" / "test_metrics.json").read_text())
-            print(f"{args.backbone + ' ' + variant:<22} {r['valid_auc']:>9.4f} {r['valid_logloss']:>13.4f} "
-                  f"{r['test_auc']:>9.4f} {r['test_logloss']:>12.4f}")
-        served = json.loads((Path(args.root) / "export" / f"{name}_elec_student" / "test_metrics.json").read_text())
+        for run in trained_runs(args):
+            r = json.loads((runs / run / "test_metrics.json").read_text())
+            print(f"{args.backbone + ' ' + run.removeprefix(prefix):<22} {r['valid_auc']:>9.4f} "
+                  f"{r['valid_logloss']:>13.4f} {r['test_auc']:>9.4f} {r['test_logloss']:>12.4f}")
+        served = json.loads((Path(args.root) / "export" / trained_runs(args)[-1] / "test_metrics.json").read_text())
         print(f"the exported student alone (recsys only, no language model): test AUC {served['auc']:.4f}, "
               f"logloss {served['logloss']:.4f}")
     return 0

@@ -69,3 +69,12 @@ def atomic_dir(out: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     commit_dir(tmp, out)
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    """Write a small file whole or not at all: into ``.<name>.tmp``, then renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = sibling(path, "tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

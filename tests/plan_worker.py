@@ -17,20 +17,24 @@ import sys
 from pathlib import Path
 
 import torch
+from torchrec.modules.embedding_modules import EmbeddingCollection
 
 from recsys.data.loader import ParquetBatches
 from recsys.data.schema import PreparedSchema
-from recsys.methods.registry import build_task
+from recsys.experiment import ExperimentConfig, build_task, load_config
 from recsys.train.checkpoint import load_part
-from recsys.train.config import load_config
+from recsys.train.config import ConfigError
 from recsys.train.distributed import (
     CPU_SHARDING_TYPES,
+    SEQUENCE_SHARDING_TYPES,
     describe_plan,
     embedding_tables,
     fuse_embedding_optimizer,
     init_distributed,
     plan_and_shard,
+    table_configs,
 )
+from recsys.train.task import Task
 
 
 def reference_batches(data: str, schema: PreparedSchema, batch_size: int, count: int) -> list:
@@ -38,10 +42,25 @@ def reference_batches(data: str, schema: PreparedSchema, batch_size: int, count:
     return [b for _, b in zip(range(count), batches, strict=False)]
 
 
+def build_case(schema: PreparedSchema, cfg: ExperimentConfig, sequences: list[str],
+               device: torch.device | None = None) -> Task:
+    """The experiment's task, or, with ``sequences``, the plain backbone reading those fields per position."""
+    if sequences:
+        return Task(cfg.model.build(schema, device, sequence_fields=tuple(sequences)))
+    return build_task(schema, cfg, device)
+
+
 def mixed_plan(task: torch.nn.Module) -> dict[str, str]:
-    """Every sharding type at once: the tables, by name, take table-wise, column-wise, ... in turn."""
-    names = sorted({c.name for ebc in embedding_tables(task) for c in ebc.embedding_bag_configs()})
-    return {name: CPU_SHARDING_TYPES[i % len(CPU_SHARDING_TYPES)] for i, name in enumerate(names)}
+    """Every sharding type at once: the tables, by name, take table-wise, column-wise, ... in turn (a
+    per-position table among those its EmbeddingCollection can take)."""
+    per_position = {c.name for m in embedding_tables(task) if isinstance(m, EmbeddingCollection)
+                    for c in m.embedding_configs()}
+    out = {}
+    for i, name in enumerate(sorted({c.name for c in table_configs(task)})):
+        types = [t for t in CPU_SHARDING_TYPES if t in SEQUENCE_SHARDING_TYPES] if name in per_position \
+            else CPU_SHARDING_TYPES
+        out[name] = types[i % len(types)]
+    return out
 
 
 def main(spec_path: str, out_path: str) -> int:
@@ -55,19 +74,25 @@ def main(spec_path: str, out_path: str) -> int:
     for plan in spec["plans"]:
         for case in spec["cases"]:
             cfg = load_config(None, case["overrides"])
-            task = build_task(schema, cfg)
+            task = build_case(schema, cfg, case["sequences"])
             fuse_embedding_optimizer(task, cfg.optim)
             tables = mixed_plan(task) if plan["types"] == ["mixed"] else None
-            dmp, sharding = plan_and_shard(task, env, spec["batch_size"], None if tables else plan["types"], tables)
+            try:
+                dmp, sharding = plan_and_shard(task, env, spec["batch_size"], None if tables else plan["types"],
+                                               tables)
+            except ConfigError as e:  # a plan this model cannot take is refused before any collective
+                results.append({"plan": plan["name"], "case": case["name"], "rank": env.rank, "refused": str(e)})
+                continue
             load_part(case["checkpoint"], dmp)
-            for prefix, path in getattr(task, "warm_start", {}).items():  # as the trainer warm-starts
+            for prefix, path in task.warm_start().items():  # as the trainer warm-starts
                 load_part(path, dmp, target_prefix=prefix)
             dmp.eval()
             ref = reference[case["name"]]
             d_logit = d_loss = 0.0
             with torch.no_grad():
                 for i, batch in enumerate(batches):
-                    loss, (_, logits, _, _) = dmp(batch)
+                    loss, step = dmp(batch)
+                    logits = step["logits"]
                     d_logit = max(d_logit, (logits - ref["logits"][i]).abs().max().item())
                     d_loss = max(d_loss, (loss - ref["loss"][i]).abs().item())
             results.append({"plan": plan["name"], "case": case["name"], "rank": env.rank,

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from recsys.experiment import load_config
 from recsys.train.checkpoint import (
     SafeReader,
     UnsafeCheckpointError,
@@ -23,7 +24,6 @@ from recsys.train.checkpoint import (
     load_part,
     saved_tensors,
 )
-from recsys.train.config import load_config
 
 
 class _Payload:
@@ -45,11 +45,11 @@ def _cfg(data: Path, out: Path, name: str, *overrides: str):
 @pytest.fixture(scope="module")
 def finished_run(tiny_prepared, tmp_path_factory) -> tuple[Path, Path]:
     """A finished tiny DeepFM run (its folder and its prepared dataset)."""
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
     _, data, _ = tiny_prepared
     out = tmp_path_factory.mktemp("runs")
-    Trainer(_cfg(data, out, "base")).fit()
+    build_trainer(_cfg(data, out, "base")).fit()
     return out / "base", data
 
 
@@ -66,7 +66,7 @@ def hostile(finished_run, tmp_path) -> tuple[Path, Path, Path]:
 
 
 def test_a_real_checkpoint_still_loads(finished_run):
-    from recsys.methods.registry import build_task
+    from recsys.experiment import build_task
 
     run, data = finished_run
     names = saved_tensors(run / "checkpoints" / "last")
@@ -78,35 +78,35 @@ def test_a_real_checkpoint_still_loads(finished_run):
 
 
 def test_resume_refuses_hostile_metadata(hostile):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
     run, data, marker = hostile
-    trainer = Trainer(_cfg(data, run.parent, "base", "train.epochs=2"))
+    trainer = build_trainer(_cfg(data, run.parent, "base", "train.epochs=2"))
     with pytest.raises(UnsafeCheckpointError, match=r"last/\.metadata.*posix.system|last/\.metadata.*os.system"):
         trainer.fit()
     assert not marker.exists()
 
 
 def test_evaluating_the_best_checkpoint_refuses_hostile_metadata(hostile, finished_run):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
     run, data, marker = hostile
     original, _ = finished_run
     shutil.rmtree(run / "checkpoints" / "last")  # a real last: the resume succeeds, then fit() tests best
     shutil.copytree(original / "checkpoints" / "last", run / "checkpoints" / "last")
     with pytest.raises(UnsafeCheckpointError, match=r"best/\.metadata"):
-        Trainer(_cfg(data, run.parent, "base")).fit()
+        build_trainer(_cfg(data, run.parent, "base")).fit()
     assert not marker.exists()
 
 
 def test_a_hostile_teacher_is_refused(hostile, tmp_path):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
     teacher, data, marker = hostile
     cfg = _cfg(data, tmp_path / "students", "student", "method.name=elec_student",
                f"method.elec.teacher_run={teacher}")
     with pytest.raises(UnsafeCheckpointError, match=r"best/\.metadata"):
-        Trainer(cfg)
+        build_trainer(cfg)
     assert not marker.exists()
 
 

@@ -73,7 +73,7 @@ def ml100k_tables(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 
 def _cfg(data: Path, out: Path, name: str, *overrides: str):
-    from recsys.train.config import load_config
+    from recsys.experiment import load_config
 
     return load_config(None, [f"data.path={data}", f"train.out_dir={out}", f"name={name}", "data.batch_size=2048",
                               "model.deepfm.hidden=[32,32]", "train.progress=false", "train.epochs=1",
@@ -86,16 +86,16 @@ def _tables(user: Path, item: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def gain_run(ml100k_tables, tmp_path_factory) -> tuple[Path, dict]:
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
     data, user, item = ml100k_tables
     out = tmp_path_factory.mktemp("gain")
-    result = Trainer(_cfg(data, out, "gain", "method.name=elec_gain", *_tables(user, item))).fit()
+    result = build_trainer(_cfg(data, out, "gain", "method.name=elec_gain", *_tables(user, item))).fit()
     return out / "gain", result
 
 
 def test_gain_network_sees_the_language_model_vectors(ml100k_tables, gain_run, tmp_path):
-    from recsys.methods.registry import build_task
+    from recsys.experiment import build_task
 
     data, user, item = ml100k_tables
     run, result = gain_run
@@ -110,19 +110,18 @@ def test_gain_network_sees_the_language_model_vectors(ml100k_tables, gain_run, t
 
 
 def test_student_without_distillation_is_exactly_the_base_model(ml100k_tables, tmp_path):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
     data, _, _ = ml100k_tables
-    base = Trainer(_cfg(data, tmp_path, "base")).fit()
-    alone = Trainer(_cfg(data, tmp_path, "alone", "method.name=elec_student", "method.elec.score_weight=0")).fit()
+    base = build_trainer(_cfg(data, tmp_path, "base")).fit()
+    alone = build_trainer(_cfg(data, tmp_path, "alone", "method.name=elec_student", "method.elec.score_weight=0")).fit()
     assert alone["test_auc"] == base["test_auc"] and alone["test_logloss"] == base["test_logloss"]
 
 
 def _teacher_state(run: Path, data: Path, ckpt: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The gain network's tensors as stored under ``prefix`` in checkpoint ``ckpt``, gathered on CPU."""
-    from recsys.methods.registry import build_task
+    from recsys.experiment import build_task, load_config
     from recsys.train.checkpoint import load_part
-    from recsys.train.config import load_config
 
     task = build_task(PreparedSchema.load(data), load_config(run / "config.yaml"), device=torch.device("cpu"))
     load_part(ckpt, task, source_prefix=prefix)
@@ -130,13 +129,13 @@ def _teacher_state(run: Path, data: Path, ckpt: Path, prefix: str) -> dict[str, 
 
 
 def test_two_stage_student_learns_from_a_frozen_teacher(ml100k_tables, gain_run, tmp_path):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
     data, _, _ = ml100k_tables
     run, _ = gain_run
     cfg = _cfg(data, tmp_path, "student", "method.name=elec_student", f"method.elec.teacher_run={run}",
                "method.elec.rep_weight=0.5", "method.elec.temperature=2")
-    trainer = Trainer(cfg)
+    trainer = build_trainer(cfg)
     result = trainer.fit()
     assert result["test_auc"] > 0.6
     assert any("rep_projection" in n for n, _ in trainer.model.named_parameters()) is False  # same DNN size
@@ -149,7 +148,7 @@ def test_two_stage_student_learns_from_a_frozen_teacher(ml100k_tables, gain_run,
 
 def test_joint_distillation_never_pushes_gradients_into_the_teacher(ml100k_tables, tmp_path):
     from recsys.data.loader import ParquetBatches
-    from recsys.methods.registry import build_task
+    from recsys.experiment import build_task
     from recsys.train.task import weighted_bce
 
     data, user, item = ml100k_tables
@@ -174,26 +173,26 @@ def test_joint_distillation_never_pushes_gradients_into_the_teacher(ml100k_table
 
 
 def test_joint_run_trains_both_networks(ml100k_tables, tmp_path):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
     data, user, item = ml100k_tables
-    result = Trainer(_cfg(data, tmp_path, "joint", "method.name=elec_student", "method.elec.mode=joint",
+    result = build_trainer(_cfg(data, tmp_path, "joint", "method.name=elec_student", "method.elec.mode=joint",
                           "method.elec.score_loss=mse", *_tables(user, item))).fit()
     assert result["test_auc"] > 0.6
 
 
 def test_bad_teacher_runs_fail_before_training(ml100k_tables, gain_run, tmp_path):
+    from recsys.experiment import build_trainer
     from recsys.train.config import ConfigError
-    from recsys.train.trainer import Trainer
 
     data, _, _ = ml100k_tables
     run, _ = gain_run
     with pytest.raises(ConfigError, match="not a finished gain-network run"):
-        Trainer(_cfg(data, tmp_path, "s", "method.name=elec_student", f"method.elec.teacher_run={tmp_path}"))
+        build_trainer(_cfg(data, tmp_path, "s", "method.name=elec_student", f"method.elec.teacher_run={tmp_path}"))
     with pytest.raises(ConfigError, match="user_table and method.elec.item_table are both unset"):
-        Trainer(_cfg(data, tmp_path, "g", "method.name=elec_gain"))
+        build_trainer(_cfg(data, tmp_path, "g", "method.name=elec_gain"))
     with pytest.raises(ConfigError, match="inject"):
-        Trainer(_cfg(data, tmp_path, "g", "method.name=elec_gain", "method.elec.inject=middle"))
+        build_trainer(_cfg(data, tmp_path, "g", "method.name=elec_gain", "method.elec.inject=middle"))
     fake = tmp_path / "other"
     fake.mkdir()
     (fake / "checkpoints" / "best").mkdir(parents=True)
@@ -201,7 +200,7 @@ def test_bad_teacher_runs_fail_before_training(ml100k_tables, gain_run, tmp_path
     metrics = json.loads((run / "test_metrics.json").read_text())
     (fake / "test_metrics.json").write_text(json.dumps({**metrics, "fingerprint": "another"}))
     with pytest.raises(ConfigError, match="fingerprint"):
-        Trainer(_cfg(data, tmp_path, "s", "method.name=elec_student", f"method.elec.teacher_run={fake}"))
+        build_trainer(_cfg(data, tmp_path, "s", "method.name=elec_student", f"method.elec.teacher_run={fake}"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -209,12 +208,12 @@ BLOCKED = ("transformers", "vllm", "peft", "embedding_jobs")
 
 
 def test_exported_student_scores_without_any_language_model(ml100k_tables, gain_run, tmp_path):
+    from recsys.experiment import build_trainer
     from recsys.serve import export_run
-    from recsys.train.trainer import Trainer
 
     data, _, _ = ml100k_tables
     run, _ = gain_run
-    result = Trainer(_cfg(data, tmp_path, "student", "method.name=elec_student",
+    result = build_trainer(_cfg(data, tmp_path, "student", "method.name=elec_student",
                           f"method.elec.teacher_run={run}")).fit()
     export = export_run(tmp_path / "student", tmp_path / "export")
     assert json.loads((export / "export.json").read_text())["method"] == "elec_student"
@@ -236,16 +235,16 @@ def test_exported_student_scores_without_any_language_model(ml100k_tables, gain_
 def test_export_refuses_a_gain_network_and_bad_requests_are_named(ml100k_tables, gain_run, tmp_path):
     import pyarrow as pa
 
+    from recsys.experiment import build_trainer
     from recsys.serve import export_run, load_exported
     from recsys.serve.score import RequestError, score_file
     from recsys.train.config import ConfigError
-    from recsys.train.trainer import Trainer
 
     data, _, _ = ml100k_tables
     run, _ = gain_run
     with pytest.raises(ConfigError, match="elec_gain"):
         export_run(run, tmp_path / "x")
-    Trainer(_cfg(data, tmp_path, "base", "train.max_steps_per_epoch=2")).fit()
+    build_trainer(_cfg(data, tmp_path, "base", "train.max_steps_per_epoch=2")).fit()
     model = load_exported(export_run(tmp_path / "base", tmp_path / "export"))
     requests = pq.read_table(data / "test.parquet").slice(0, 50)
     ids = requests.column("item_id").to_numpy().copy()
@@ -263,14 +262,14 @@ def test_export_refuses_a_gain_network_and_bad_requests_are_named(ml100k_tables,
 
 def test_a_plain_model_can_teach_as_the_control(ml100k_tables, tmp_path):
     """Distillation from the base model itself: what the student gains without any language model."""
+    from recsys.experiment import build_trainer
     from recsys.train.config import ConfigError
-    from recsys.train.trainer import Trainer
 
     data, _, _ = ml100k_tables
-    Trainer(_cfg(data, tmp_path, "base", "train.max_steps_per_epoch=4")).fit()
-    trainer = Trainer(_cfg(data, tmp_path, "s", "method.name=elec_student", f"method.elec.teacher_run={tmp_path / 'base'}",
+    build_trainer(_cfg(data, tmp_path, "base", "train.max_steps_per_epoch=4")).fit()
+    trainer = build_trainer(_cfg(data, tmp_path, "s", "method.name=elec_student", f"method.elec.teacher_run={tmp_path / 'base'}",
                            "method.elec.rep_weight=1"))
-    assert type(trainer.model.module.teacher).__name__ == "CTRTask"
+    assert type(trainer.model.module.teacher).__name__ == "Task"
     assert trainer.fit()["test_auc"] > 0.6
     (tmp_path / "cfg.yaml").write_text((tmp_path / "base" / "config.yaml").read_text().replace("name: none",
                                                                                               "name: llactr"))
@@ -279,4 +278,4 @@ def test_a_plain_model_can_teach_as_the_control(ml100k_tables, tmp_path):
         (fake / "checkpoints" / "best").mkdir(parents=True)
         (fake / "config.yaml").write_text((tmp_path / "cfg.yaml").read_text())
         (fake / "test_metrics.json").write_text((tmp_path / "base" / "test_metrics.json").read_text())
-        Trainer(_cfg(data, tmp_path, "s2", "method.name=elec_student", f"method.elec.teacher_run={fake}"))
+        build_trainer(_cfg(data, tmp_path, "s2", "method.name=elec_student", f"method.elec.teacher_run={fake}"))

@@ -16,7 +16,8 @@ from embedding_jobs.engines import EngineOptions, TransformersEngine
 from embedding_jobs.model_files import ModelError
 from embedding_jobs.tiny_models import save_tiny_encoder
 from recsys.data.schema import PreparedSchema, SchemaError, load_schema
-from recsys.train.config import ConfigError, load_config
+from recsys.experiment import load_config
+from recsys.train.config import ConfigError
 
 PAYLOAD = "!!python/object/apply:os.system ['touch {marker}']"
 

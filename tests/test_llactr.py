@@ -78,7 +78,7 @@ def ml100k_with_field_table(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _cfg(data: Path, out: Path, *overrides: str):
-    from recsys.train.config import load_config
+    from recsys.experiment import load_config
 
     return load_config(None, [f"data.path={data}", f"train.out_dir={out}", "name=l", "data.batch_size=2048",
                               "model.deepfm.hidden=[64,64]", "train.progress=false", "train.epochs=1",
@@ -87,10 +87,10 @@ def _cfg(data: Path, out: Path, *overrides: str):
 
 @pytest.mark.parametrize("backbone", ["deepfm", "dcnv2"])
 def test_llactr_trains_on_any_backbone_with_one_config_change(ml100k_with_field_table, tmp_path, backbone):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
     data, table = ml100k_with_field_table
-    trainer = Trainer(_cfg(data, tmp_path, f"model.backbone={backbone}", "method.name=llactr",
+    trainer = build_trainer(_cfg(data, tmp_path, f"model.backbone={backbone}", "method.name=llactr",
                            f"method.llactr.field_table={table}"))
     result = trainer.fit()
     assert 0.6 < result["test_auc"] < 1.0
@@ -99,8 +99,8 @@ def test_llactr_trains_on_any_backbone_with_one_config_change(ml100k_with_field_
 
 
 def test_field_table_of_another_dataset_is_refused(ml100k_with_field_table, tmp_path):
+    from recsys.experiment import build_task
     from recsys.features.table import FeatureTableError
-    from recsys.methods.registry import build_task
 
     data, table = ml100k_with_field_table
     schema = PreparedSchema.load(data)
@@ -110,9 +110,9 @@ def test_field_table_of_another_dataset_is_refused(ml100k_with_field_table, tmp_
 
 
 def test_missing_field_table_fails_before_training(ml100k_with_field_table, tmp_path):
+    from recsys.experiment import build_trainer
     from recsys.train.config import ConfigError
-    from recsys.train.trainer import Trainer
 
     data, _ = ml100k_with_field_table
     with pytest.raises(ConfigError, match="embedding_jobs.run --entity field"):
-        Trainer(_cfg(data, tmp_path, "method.name=llactr", f"method.llactr.field_table={tmp_path / 'none'}"))
+        build_trainer(_cfg(data, tmp_path, "method.name=llactr", f"method.llactr.field_table={tmp_path / 'none'}"))

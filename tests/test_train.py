@@ -14,7 +14,8 @@ import torch
 
 from recsys.data.prepare import prepare
 from recsys.data.schema import load_schema
-from recsys.train.config import ConfigError, ExperimentConfig, load_config
+from recsys.experiment import ExperimentConfig, load_config
+from recsys.train.config import ConfigError
 from recsys.train.metrics import auc, logloss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,35 +86,35 @@ def test_bad_config_is_refused_with_the_key_named(overrides, message):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.backbone=dlrm"], "model.backbone 'dlrm' is unknown"),
+    (["model.backbone=dlrm"], "model.backbone: 'dlrm' is not allowed; choose from"),
     (["model.embedding_dim=6"], "multiple of 4"),
     (["optim.embedding_optimizer=adam"], "GPUs only"),
-    (["optim.embedding_optimizer=lamb"], "embedding_optimizer 'lamb'"),
+    (["optim.embedding_optimizer=lamb"], "embedding_optimizer: 'lamb' is not allowed"),
     (["train.sharding_types=[row_wise]"], "row-wise sharding needs GPUs"),
     (["train.sharding_types=[data_parallel]"], "not be trained by the fused embedding optimizer"),
 ])
 def test_bad_training_config_fails_before_training(ml100k, tmp_path, overrides, message):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
     with pytest.raises(ConfigError, match=message):
-        Trainer(_cfg(ml100k, tmp_path, *overrides))
+        build_trainer(_cfg(ml100k, tmp_path, *overrides))
     assert not (tmp_path / "t" / "checkpoints").exists()
 
 
 def test_batch_that_does_not_split_over_ranks_is_refused():
+    from recsys.experiment import check_experiment
     from recsys.train.distributed import DistEnv
-    from recsys.train.trainer import check_config
 
     env = DistEnv(rank=0, world_size=2, local_rank=0, local_world_size=2, device=torch.device("cpu"))
     with pytest.raises(ConfigError, match="must split evenly over 2 ranks"):
-        check_config(load_config(None, ["data.batch_size=1025"]), env)
+        check_experiment(load_config(None, ["data.batch_size=1025"]), env)
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
     with pytest.raises(FileNotFoundError, match="recsys.prepare"):
-        Trainer(_cfg(tmp_path / "nowhere", tmp_path))
+        build_trainer(_cfg(tmp_path / "nowhere", tmp_path))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -122,9 +123,9 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
 
 
 def test_training_run_writes_its_folder_and_learns(ml100k, tmp_path):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
-    result = Trainer(_cfg(ml100k, tmp_path, "train.max_steps_per_epoch=0")).fit()
+    result = build_trainer(_cfg(ml100k, tmp_path, "train.max_steps_per_epoch=0")).fit()
     run = tmp_path / "t"
     for name in ("config.yaml", "plan.txt", "metrics.csv", "metrics.json", "test_metrics.json", "curves.png"):
         assert (run / name).is_file(), name
@@ -137,9 +138,10 @@ def test_training_run_writes_its_folder_and_learns(ml100k, tmp_path):
 
 def test_every_embedding_table_trains(ml100k, tmp_path):
     """Small tables too: a table the planner made data-parallel once silently kept its initial values."""
-    from recsys.train.trainer import RunState, Trainer
+    from recsys.experiment import build_trainer
+    from recsys.train.trainer import RunState
 
-    trainer = Trainer(_cfg(ml100k, tmp_path, "train.pipeline=false"))
+    trainer = build_trainer(_cfg(ml100k, tmp_path, "train.pipeline=false"))
 
     def tables() -> dict[str, torch.Tensor]:
         out = {}
@@ -159,13 +161,13 @@ def test_every_embedding_table_trains(ml100k, tmp_path):
 
 
 def test_resume_reaches_the_same_result_as_an_uninterrupted_run(ml100k, tmp_path):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
-    straight = Trainer(_cfg(ml100k, tmp_path / "a")).fit()
-    Trainer(_cfg(ml100k, tmp_path / "b", "train.epochs=1")).fit()  # "interrupted" after epoch 1
+    straight = build_trainer(_cfg(ml100k, tmp_path / "a")).fit()
+    build_trainer(_cfg(ml100k, tmp_path / "b", "train.epochs=1")).fit()  # "interrupted" after epoch 1
     # a half-written checkpoint (no meta.json) from a crash must be ignored
     (tmp_path / "b" / "t" / "checkpoints" / ".last.tmp").mkdir()
-    resumed = Trainer(_cfg(ml100k, tmp_path / "b")).fit()
+    resumed = build_trainer(_cfg(ml100k, tmp_path / "b")).fit()
     assert resumed["epochs_run"] == straight["epochs_run"] == 2
     for key in ("valid_auc", "valid_logloss", "test_auc", "test_logloss"):
         assert resumed[key] == straight[key], key
@@ -174,21 +176,21 @@ def test_resume_reaches_the_same_result_as_an_uninterrupted_run(ml100k, tmp_path
 
 
 def test_same_seed_same_result_other_seed_differs(ml100k, tmp_path):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
-    a = Trainer(_cfg(ml100k, tmp_path / "a", "train.epochs=1")).fit()
-    b = Trainer(_cfg(ml100k, tmp_path / "b", "train.epochs=1")).fit()
-    c = Trainer(_cfg(ml100k, tmp_path / "c", "train.epochs=1", "train.seed=5")).fit()
+    a = build_trainer(_cfg(ml100k, tmp_path / "a", "train.epochs=1")).fit()
+    b = build_trainer(_cfg(ml100k, tmp_path / "b", "train.epochs=1")).fit()
+    c = build_trainer(_cfg(ml100k, tmp_path / "c", "train.epochs=1", "train.seed=5")).fit()
     assert a["test_auc"] == b["test_auc"]
     assert a["test_auc"] != c["test_auc"]
 
 
 def test_existing_run_is_not_overwritten_without_resume(ml100k, tmp_path):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
-    Trainer(_cfg(ml100k, tmp_path, "train.epochs=1")).fit()
+    build_trainer(_cfg(ml100k, tmp_path, "train.epochs=1")).fit()
     with pytest.raises(ConfigError, match="already holds a run"):
-        Trainer(_cfg(ml100k, tmp_path, "train.resume=false"))
+        build_trainer(_cfg(ml100k, tmp_path, "train.resume=false"))
 
 
 def _torchrun_train(data: Path, out: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -208,9 +210,9 @@ def _torchrun_train(data: Path, out: Path, *overrides: str) -> subprocess.Comple
 def test_two_gloo_ranks_train_export_and_move_to_one_rank(ml100k, tmp_path, sharding):
     """A run on 2 ranks is the same model exported, and on 1 rank: the export scores the test split to the
     run's reported AUC, and the run taken over by 1 rank evaluates to the same validation AUC."""
+    from recsys.experiment import build_trainer
     from recsys.serve.artifact import export_run, load_exported
     from recsys.serve.score import score_file
-    from recsys.train.trainer import Trainer
 
     _torchrun_train(ml100k, tmp_path, "train.epochs=1", f"train.sharding_types=[{sharding}]")
     result = json.loads((tmp_path / "t" / "test_metrics.json").read_text())
@@ -229,7 +231,7 @@ def test_two_gloo_ranks_train_export_and_move_to_one_rank(ml100k, tmp_path, shar
     assert abs(scored["auc"] - result["test_auc"]) <= 1e-6
     assert abs(scored["logloss"] - result["test_logloss"]) <= 1e-6
 
-    moved = Trainer(_cfg(ml100k, tmp_path, "train.epochs=1")).fit()  # 1 rank resumes the finished run
+    moved = build_trainer(_cfg(ml100k, tmp_path, "train.epochs=1")).fit()  # 1 rank resumes the finished run
     assert moved["world_size"] == 1
     for key in ("valid_auc", "valid_logloss", "test_auc", "test_logloss"):
         assert abs(moved[key] - result[key]) <= 1e-6, key
@@ -237,9 +239,9 @@ def test_two_gloo_ranks_train_export_and_move_to_one_rank(ml100k, tmp_path, shar
 
 @pytest.mark.distributed
 def test_one_rank_run_moved_to_two_ranks_evaluates_the_same_and_trains_on(ml100k, tmp_path):
-    from recsys.train.trainer import Trainer
+    from recsys.experiment import build_trainer
 
-    before = Trainer(_cfg(ml100k, tmp_path, "train.epochs=1")).fit()
+    before = build_trainer(_cfg(ml100k, tmp_path, "train.epochs=1")).fit()
     _torchrun_train(ml100k, tmp_path, "train.epochs=1", "train.sharding_types=[table_wise]")
     moved = json.loads((tmp_path / "t" / "test_metrics.json").read_text())
     assert moved["world_size"] == 2 and "[1]" in (tmp_path / "t" / "plan.txt").read_text()

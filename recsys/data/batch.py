@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -11,16 +11,21 @@ from torchrec.streamable import Pipelineable
 
 @dataclass
 class Batch(Pipelineable):
-    """TorchRec's ``Batch`` plus ``weights``: 1 for a real row, 0 for a padding row.
+    """TorchRec's ``Batch`` plus ``weights`` (1 for a real row, 0 for a padding row) and ``extras``.
 
     Every rank runs the same number of equally sized batches (sharded embeddings need all ranks in each
     step), so a rank's last batch is padded; padding rows carry weight 0 and count in no loss or metric.
+
+    ``extras`` holds per-row dense tensors a method asks the loader for (``[B]`` or ``[B, L]``: token ids,
+    attention masks, per-position side features), padded with zeros like everything else; moving, pinning
+    and stream bookkeeping treat them like the other tensors, so ``TrainPipelineSparseDist`` carries them.
     """
 
     dense_features: torch.Tensor  # [B, num_dense] float32
     sparse_features: KeyedJaggedTensor  # one key per sparse field, in schema order
     labels: torch.Tensor  # [B] float32
     weights: torch.Tensor  # [B] float32
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         return Batch(
@@ -28,6 +33,7 @@ class Batch(Pipelineable):
             sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
             labels=self.labels.to(device=device, non_blocking=non_blocking),
             weights=self.weights.to(device=device, non_blocking=non_blocking),
+            extras={k: v.to(device=device, non_blocking=non_blocking) for k, v in self.extras.items()},
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -35,6 +41,8 @@ class Batch(Pipelineable):
         self.sparse_features.record_stream(stream)
         self.labels.record_stream(stream)
         self.weights.record_stream(stream)
+        for v in self.extras.values():
+            v.record_stream(stream)
 
     def pin_memory(self) -> Batch:
         return Batch(
@@ -42,6 +50,7 @@ class Batch(Pipelineable):
             sparse_features=self.sparse_features.pin_memory(),
             labels=self.labels.pin_memory(),
             weights=self.weights.pin_memory(),
+            extras={k: v.pin_memory() for k, v in self.extras.items()},
         )
 
     @property

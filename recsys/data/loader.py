@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +41,15 @@ class Chunk:
     labels: np.ndarray
     dense: np.ndarray  # [rows, num_dense]
     sparse: list[np.ndarray | Lists]  # per sparse field: ids (single-valued) or Lists
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # [rows] or [rows, L] per extra column
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, idx: np.ndarray) -> Chunk:
         return Chunk(self.labels[idx], self.dense[idx],
-                     [c.take(idx) if isinstance(c, Lists) else c[idx] for c in self.sparse])
+                     [c.take(idx) if isinstance(c, Lists) else c[idx] for c in self.sparse],
+                     {k: v[idx] for k, v in self.extras.items()})
 
     def slice(self, start: int, stop: int) -> Chunk:
         return self.take(np.arange(start, min(stop, len(self)), dtype=np.int64))
@@ -65,11 +67,19 @@ class Chunk:
                 sparse.append(Lists(offsets, np.concatenate([c.values for c in cols])))
             else:
                 sparse.append(np.concatenate(cols))
-        return Chunk(np.concatenate([c.labels for c in chunks]), np.concatenate([c.dense for c in chunks]), sparse)
+        extras = {k: np.concatenate([c.extras[k] for c in chunks]) for k in chunks[0].extras}
+        return Chunk(np.concatenate([c.labels for c in chunks]), np.concatenate([c.dense for c in chunks]), sparse,
+                     extras)
 
 
 class ParquetBatches:
-    """One rank's batches of one split of a prepared dataset."""
+    """One rank's batches of one split of a prepared dataset.
+
+    ``extra_columns`` are read from the split file into ``Batch.extras``; each ``side_files`` entry is a
+    Parquet file aligned with the split row for row and row group for row group (a per-row cache a job wrote
+    from the split, such as token ids), all of whose columns go into ``Batch.extras``. Extra columns are
+    numbers or fixed-size lists of numbers.
+    """
 
     def __init__(
         self,
@@ -82,6 +92,8 @@ class ParquetBatches:
         shuffle: bool = False,
         seed: int = 0,
         window_row_groups: int = 8,
+        extra_columns: tuple[str, ...] = (),
+        side_files: tuple[str | Path, ...] = (),
     ) -> None:
         self.path = Path(folder) / f"{split}.parquet"
         if not self.path.is_file():
@@ -98,6 +110,11 @@ class ParquetBatches:
         if missing:
             raise ValueError(f"{self.path} lacks the columns {missing} that its schema.json lists")
         self.keys = [f.name for f in self.sparse_fields]
+        absent = [c for c in extra_columns if c not in self._file.schema_arrow.names]
+        if absent:
+            raise ValueError(f"{self.path} has no column(s) {absent}; its columns: {self._file.schema_arrow.names}")
+        self.extra_columns = list(extra_columns)
+        self._sides = [_aligned(Path(p), self._file, self.path) for p in side_files]
         n = self._file.metadata.num_rows
         self.num_rows = n
         self.lo, self.hi = rank * n // world_size, (rank + 1) * n // world_size
@@ -122,10 +139,23 @@ class ParquetBatches:
             start = end
         return out
 
+    def _chunk(self, split: pa.Table, sides: list[pa.Table]) -> Chunk:
+        chunk = table_chunk(split, self.sparse_fields, self.dense_names, self.extra_columns)
+        for (path, _), t in zip(self._sides, sides, strict=True):
+            chunk.extras.update({name: _numpy(t.column(name), f"{path} column {name}") for name in t.column_names})
+        return chunk
+
     def _read(self, groups: list[tuple[int, int, int]]) -> Chunk:
-        columns = ["label", *self.keys, *self.dense_names]
-        return Chunk.concat([table_chunk(self._file.read_row_group(g, columns=columns).slice(lo, hi - lo),
-                                         self.sparse_fields, self.dense_names) for g, lo, hi in groups])
+        columns = ["label", *self.keys, *self.dense_names, *self.extra_columns]
+        return Chunk.concat([self._chunk(self._file.read_row_group(g, columns=columns).slice(lo, hi - lo),
+                                         [side.read_row_group(g).slice(lo, hi - lo) for _, side in self._sides])
+                             for g, lo, hi in groups])
+
+    def _empty(self) -> Chunk:
+        """A chunk with every column and no rows (a rank's padding batches)."""
+        columns = ["label", *self.keys, *self.dense_names, *self.extra_columns]
+        return self._chunk(self._file.schema_arrow.empty_table().select(columns),
+                           [side.schema_arrow.empty_table() for _, side in self._sides])
 
     def chunks(self) -> Iterator[Chunk]:
         """This rank's rows, a window at a time (shuffled when asked)."""
@@ -152,17 +182,41 @@ class ParquetBatches:
             yield self.to_batch(carry)
             produced += 1
         while produced < len(self):  # ranks with fewer rows still take part in every step
-            yield self.to_batch(Chunk(np.zeros(0, np.float32), np.zeros((0, len(self.dense_names)), np.float32),
-                                      [Lists(np.zeros(1, np.int64), np.zeros(0, np.int64))
-                                       if f.kind is not FieldKind.CATEGORICAL else np.zeros(0, np.int64)
-                                       for f in self.sparse_fields]))
+            yield self.to_batch(self._empty())
             produced += 1
 
     def to_batch(self, chunk: Chunk) -> Batch:
         return make_batch(chunk, self.keys, self.batch_size)
 
 
-def table_chunk(t: pa.Table, sparse_fields: list[PreparedField], dense_names: list[str]) -> Chunk:
+def _numpy(col: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
+    """A numeric or fixed-size-list column as a ``[rows]`` or ``[rows, L]`` array."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    if pa.types.is_fixed_size_list(col.type):
+        if col.null_count:
+            raise ValueError(f"{where}: {col.null_count} null row(s)")
+        return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
+        return col.to_numpy(zero_copy_only=False)
+    raise ValueError(f"{where}: an extra column holds numbers or fixed-size lists of numbers, not {col.type}")
+
+
+def _aligned(path: Path, split: pq.ParquetFile, split_path: Path) -> tuple[Path, pq.ParquetFile]:
+    """A Parquet file read row group by row group beside the split it is aligned with."""
+    if not path.is_file():
+        raise FileNotFoundError(f"side file {path} not found (it should be aligned with {split_path})")
+    side = pq.ParquetFile(path)
+    a = [split.metadata.row_group(g).num_rows for g in range(split.metadata.num_row_groups)]
+    b = [side.metadata.row_group(g).num_rows for g in range(side.metadata.num_row_groups)]
+    if a != b:
+        raise ValueError(f"{path} is not aligned with {split_path}: its row groups hold {sum(b)} rows in {len(b)} "
+                         f"groups, the split's {sum(a)} in {len(a)}; write it row group by row group from the split")
+    return path, side
+
+
+def table_chunk(t: pa.Table, sparse_fields: list[PreparedField], dense_names: list[str],
+                extra_columns: list[str] = ()) -> Chunk:
     """Rows of a prepared table (ids) as numpy columns; without a ``label`` column the labels are 0."""
     sparse = []
     for f in sparse_fields:
@@ -172,7 +226,7 @@ def table_chunk(t: pa.Table, sparse_fields: list[PreparedField], dense_names: li
              if dense_names else np.zeros((t.num_rows, 0), dtype=np.float32))
     labels = (t.column("label").to_numpy().astype(np.float32) if "label" in t.column_names
               else np.zeros(t.num_rows, np.float32))
-    return Chunk(labels, dense, sparse)
+    return Chunk(labels, dense, sparse, {c: _numpy(t.column(c), f"column {c}") for c in extra_columns})
 
 
 def make_batch(chunk: Chunk, keys: list[str], batch_size: int) -> Batch:
@@ -203,5 +257,10 @@ def make_batch(chunk: Chunk, keys: list[str], batch_size: int) -> Batch:
     labels[:n] = chunk.labels
     dense = np.zeros((batch_size, chunk.dense.shape[1]), np.float32)
     dense[:n] = chunk.dense
+    extras = {}
+    for name, values in chunk.extras.items():
+        padded = np.zeros((batch_size, *values.shape[1:]), values.dtype)
+        padded[:n] = values
+        extras[name] = torch.from_numpy(padded)
     return Batch(dense_features=torch.from_numpy(dense), sparse_features=kjt,
-                 labels=torch.from_numpy(labels), weights=torch.from_numpy(weights))
+                 labels=torch.from_numpy(labels), weights=torch.from_numpy(weights), extras=extras)

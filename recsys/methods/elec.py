@@ -28,7 +28,11 @@ EmbeddingBagCollection instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +40,29 @@ from torch import nn
 from torchrec import EmbeddingBagCollection
 
 from recsys.data.batch import Batch
+from recsys.data.schema import FieldKind, PreparedSchema
+from recsys.methods.registry import MethodSpec, Upstream, check_upstream, get_method, register
 from recsys.models.base import Backbone, CTROutput
-from recsys.train.task import TaskOutput, weighted_bce
+from recsys.train.config import ConfigError
+from recsys.train.task import Task
 
-INJECT = ("fields", "logit")
-MODES = ("two_stage", "joint")
-SCORE_LOSSES = ("kl", "mse")
+if TYPE_CHECKING:
+    from recsys.experiment import ExperimentConfig
+
+
+class Inject(StrEnum):
+    LOGIT = "logit"  # late fusion: an MLP over the vectors, added to the logit
+    FIELDS = "fields"  # the vectors as extra fields of the backbone
+
+
+class Mode(StrEnum):
+    TWO_STAGE = "two_stage"  # distil a finished gain run (teacher_run)
+    JOINT = "joint"  # train teacher and student together
+
+
+class ScoreLoss(StrEnum):
+    KL = "kl"  # binary KL of temperature-softened probabilities, times T^2
+    MSE = "mse"  # squared difference of logits
 
 
 @dataclass
@@ -49,26 +70,23 @@ class ELECConfig:
     # gain network
     user_table: str = ""  # feature table of adapted user vectors (python -m embedding_jobs.run --entity user)
     item_table: str = ""  # feature table of adapted item vectors (either table may be left out)
-    inject: str = "logit"  # logit: late fusion MLP (default, see the ablation); fields: two extra fields
+    inject: Inject = Inject.LOGIT  # logit: late fusion MLP (default, see the ablation); fields: two extra fields
     # std of each projected language-model coordinate at initialisation; 0: PyTorch's default Linear init,
     # about 0.58 on the standardised vectors, some 30x the id embeddings' scale (TorchRec's init)
     projection_std: float = 0.0
     # student
-    mode: str = "two_stage"  # two_stage: distil a finished gain run (teacher_run); joint: train both together
+    mode: Mode = Mode.TWO_STAGE  # two_stage: distil a finished gain run (teacher_run); joint: train both
     teacher_run: str = ""  # two_stage: the gain network's run folder
     score_weight: float = 1.0  # weight of the score-level distillation term
-    score_loss: str = "kl"  # kl (soft labels with temperature) or mse (on logits)
+    score_loss: ScoreLoss = ScoreLoss.KL  # kl (soft labels with temperature) or mse (on logits)
     temperature: float = 1.0
     rep_weight: float = 0.0  # weight of the representation-level term
 
+    def __post_init__(self) -> None:  # built in code with plain strings: the same enums, or a clear error
+        self.inject, self.mode, self.score_loss = Inject(self.inject), Mode(self.mode), ScoreLoss(self.score_loss)
+
     def check(self) -> list[str]:
         problems = []
-        if self.inject not in INJECT:
-            problems.append(f"method.elec.inject={self.inject!r}: choose from {INJECT}")
-        if self.mode not in MODES:
-            problems.append(f"method.elec.mode={self.mode!r}: choose from {MODES}")
-        if self.score_loss not in SCORE_LOSSES:
-            problems.append(f"method.elec.score_loss={self.score_loss!r}: choose from {SCORE_LOSSES}")
         if self.projection_std < 0:
             problems.append(f"method.elec.projection_std={self.projection_std}: must be >= 0 (0: default init)")
         if self.temperature <= 0 or self.score_weight < 0 or self.rep_weight < 0:
@@ -83,7 +101,7 @@ class ELECConfig:
 # ------------------------------------------------------------------------------------------------
 # Distillation losses: per-row values; the task takes the weighted mean over real rows
 # ------------------------------------------------------------------------------------------------
-def score_distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str = "kl",
+def score_distillation(student: torch.Tensor, teacher: torch.Tensor, kind: ScoreLoss = ScoreLoss.KL,
                        temperature: float = 1.0) -> torch.Tensor:
     """Per-row score-level distillation loss; ``teacher`` must already be detached.
 
@@ -91,7 +109,8 @@ def score_distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str =
     agree; T^2 keeps gradient sizes comparable across temperatures, as in Hinton et al.).
     ``mse``: ``(z_s - z_t)^2``.
     """
-    if kind == "mse":
+    kind = ScoreLoss(kind)  # a string outside the enum is refused here, never treated as KL
+    if kind is ScoreLoss.MSE:
         return (student - teacher) ** 2
     t = temperature
     soft = torch.sigmoid(teacher / t)
@@ -103,10 +122,6 @@ def score_distillation(student: torch.Tensor, teacher: torch.Tensor, kind: str =
 def representation_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     """Per-row mean squared error over the representation dimensions; ``teacher`` must be detached."""
     return ((student - teacher) ** 2).mean(dim=-1)
-
-
-def weighted_mean(values: torch.Tensor, batch: Batch) -> torch.Tensor:
-    return (values * batch.weights).sum() / batch.weights.sum().clamp(min=1.0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,7 +163,7 @@ class LMVectors(nn.Module):
         return torch.stack(out, dim=1)
 
 
-class ELECGainTask(nn.Module):
+class ELECGainTask(Task):
     """The gain network: a backbone that also sees the language model's user and item vectors.
 
     With ``inject="fields"`` the backbone must be built with ``num_extra_fields=len(lm.fields)``.
@@ -157,20 +172,21 @@ class ELECGainTask(nn.Module):
 
         lm = LMVectors({"user_id": users, "item_id": items}, masks, dim=16)
         task = ELECGainTask(build_backbone("deepfm", schema, 16, num_extra_fields=2), lm, ELECConfig())
-        loss, (_, logits, labels, weights) = task(batch)
+        loss, step = task(batch)
     """
 
     def __init__(self, model: Backbone, lm: LMVectors, cfg: ELECConfig, device: torch.device | None = None) -> None:
-        super().__init__()
-        expected = len(lm.fields) if cfg.inject == "fields" else 0
+        super().__init__(model)
+        inject = Inject(cfg.inject)
+        expected = len(lm.fields) if inject is Inject.FIELDS else 0
         if model.num_extra_fields != expected:
-            raise ValueError(f"inject={cfg.inject!r} needs a backbone built with num_extra_fields={expected}, "
+            raise ValueError(f"inject={inject.value!r} needs a backbone built with num_extra_fields={expected}, "
                              f"got {model.num_extra_fields}")
-        self.model, self.lm, self.inject = model, lm, cfg.inject
+        self.lm, self.inject = lm, inject
         d = model.embedding_dim
         self.late = (nn.Sequential(nn.Linear(len(lm.fields) * d, d, device=device), nn.ReLU(),
                                    nn.Linear(d, 1, device=device))
-                     if cfg.inject == "logit" else None)
+                     if inject is Inject.LOGIT else None)
 
     def output(self, batch: Batch) -> CTROutput:
         vectors = self.lm(batch)
@@ -180,35 +196,27 @@ class ELECGainTask(nn.Module):
         return CTROutput(logit=out.logit + self.late(vectors.flatten(1)).squeeze(-1),
                          representation=out.representation, field_embeddings=out.field_embeddings)
 
-    def score(self, batch: Batch) -> torch.Tensor:
-        return self.output(batch).logit
-
-    def forward(self, batch: Batch) -> TaskOutput:
-        logit = self.output(batch).logit
-        loss = weighted_bce(logit, batch)
-        return loss, (loss.detach(), logit.detach(), batch.labels, batch.weights)
-
 
 # ------------------------------------------------------------------------------------------------
 # Vanilla network (the served student)
 # ------------------------------------------------------------------------------------------------
-class ELECStudentTask(nn.Module):
+class ELECStudentTask(Task):
     """The student backbone (``model``: tabular input only) distilled from a gain network (``teacher``).
 
     The teacher is any task with ``output(batch) -> CTROutput`` and a ``model`` backbone: an
-    :class:`ELECGainTask`, or a plain ``CTRTask`` as the control that separates what the language model adds
-    from what distillation alone does.
+    :class:`ELECGainTask`, or a plain :class:`~recsys.train.task.Task` as the control that separates what the
+    language model adds from what distillation alone does.
 
     With no teacher (both distillation weights zero) this is exactly the base model's BCE training.
     """
 
-    def __init__(self, model: Backbone, teacher: nn.Module | None, cfg: ELECConfig,
+    def __init__(self, model: Backbone, teacher: Task | None, cfg: ELECConfig,
                  device: torch.device | None = None) -> None:
-        super().__init__()
+        super().__init__(model)
         if cfg.distils and teacher is None:
             raise ValueError("distillation weights are set but there is no teacher")
-        self.model, self.teacher, self.cfg = model, teacher, cfg
-        self.frozen_teacher = teacher is not None and cfg.mode == "two_stage"
+        self.teacher, self.cfg = teacher, cfg
+        self.frozen_teacher = teacher is not None and Mode(cfg.mode) is Mode.TWO_STAGE
         if self.frozen_teacher:
             # DDP must ignore the teacher's dense parameters. Its tables keep requires_grad (the fused
             # optimizer needs it to attach) but never update: the teacher runs without autograd.
@@ -221,6 +229,7 @@ class ELECStudentTask(nn.Module):
         if teacher is not None and cfg.rep_weight > 0:
             s, t = model.representation_dim, teacher.model.representation_dim
             self.rep_projection = nn.Linear(s, t, device=device) if s != t else nn.Identity()
+        self.teacher_run = cfg.teacher_run if self.frozen_teacher else ""
 
     def train(self, mode: bool = True) -> ELECStudentTask:
         super().train(mode)
@@ -228,9 +237,9 @@ class ELECStudentTask(nn.Module):
             self.teacher.train(False)  # a frozen teacher always predicts as it was evaluated
         return self
 
-    def score(self, batch: Batch) -> torch.Tensor:
-        """The served logit: the student's alone."""
-        return self.model(batch).logit
+    def warm_start(self) -> dict[str, str]:
+        """A two-stage teacher's weights come from the gain network's best checkpoint."""
+        return {"teacher.": str(Path(self.teacher_run) / "checkpoints" / "best")} if self.teacher_run else {}
 
     def _teacher(self, batch: Batch) -> CTROutput:
         if self.frozen_teacher:
@@ -238,18 +247,131 @@ class ELECStudentTask(nn.Module):
                 return self.teacher.output(batch)
         return self.teacher.output(batch)
 
-    def forward(self, batch: Batch) -> TaskOutput:
-        out = self.model(batch)
-        loss = weighted_bce(out.logit, batch)
-        if self.teacher is not None:
-            t = self._teacher(batch)
-            if not self.frozen_teacher:
-                loss = loss + weighted_bce(t.logit, batch)  # joint: the teacher learns from labels only
-            if self.cfg.score_weight > 0:
-                per_row = score_distillation(out.logit, t.logit.detach(), self.cfg.score_loss, self.cfg.temperature)
-                loss = loss + self.cfg.score_weight * weighted_mean(per_row, batch)
-            if self.rep_projection is not None:
-                per_row = representation_distillation(self.rep_projection(out.representation),
-                                                      t.representation.detach())
-                loss = loss + self.cfg.rep_weight * weighted_mean(per_row, batch)
-        return loss, (loss.detach(), out.logit.detach(), batch.labels, batch.weights)
+    def extra_losses(self, batch: Batch, out: CTROutput) -> dict[str, tuple[float, torch.Tensor]]:
+        if self.teacher is None:
+            return {}
+        t = self._teacher(batch)
+        terms: dict[str, tuple[float, torch.Tensor]] = {}
+        if not self.frozen_teacher:
+            # joint: the teacher learns from labels only
+            terms["teacher_bce"] = (1.0, F.binary_cross_entropy_with_logits(t.logit, batch.labels, reduction="none"))
+        if self.cfg.score_weight > 0:
+            terms["score"] = (self.cfg.score_weight, score_distillation(
+                out.logit, t.logit.detach(), self.cfg.score_loss, self.cfg.temperature))
+        if self.rep_projection is not None:
+            terms["representation"] = (self.cfg.rep_weight, representation_distillation(
+                self.rep_projection(out.representation), t.representation.detach()))
+        return terms
+
+
+# ------------------------------------------------------------------------------------------------
+# Registration: elec_gain and elec_student share the options section ``method.elec``
+# ------------------------------------------------------------------------------------------------
+TABLE_HINT = ("make it with `python -m embedding_jobs.run --entity user item --model ADAPTED_MODEL ...` "
+              "(ADAPTED_MODEL from `python -m embedding_jobs.ctr_adapt`)")
+
+
+def _uses_tables(cfg: ExperimentConfig) -> bool:
+    e = cfg.method.elec
+    return cfg.method.name == "elec_gain" or (e.distils and e.mode == Mode.JOINT)
+
+
+def _needs(cfg: ExperimentConfig) -> list[Upstream]:
+    e = cfg.method.elec
+    needs = []
+    if _uses_tables(cfg):
+        for side in ("user", "item"):
+            path = getattr(e, f"{side}_table")
+            if path:  # one side alone is allowed (an ablation, or a dataset with item texts only)
+                needs.append(Upstream(f"method.elec.{side}_table", path, f"the adapted {side} feature table",
+                                      TABLE_HINT))
+    if cfg.method.name == "elec_student" and e.distils and e.mode == Mode.TWO_STAGE:
+        needs.append(Upstream("method.elec.teacher_run", e.teacher_run, "a finished gain-network run",
+                              "train one with method.name=elec_gain, or use method.elec.mode=joint",
+                              required_files=("config.yaml", "checkpoints/best", "test_metrics.json")))
+    return needs
+
+
+def _check_options(cfg: ExperimentConfig, schema: PreparedSchema | None) -> None:
+    e = cfg.method.elec
+    problems = e.check()
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if _uses_tables(cfg) and not (e.user_table or e.item_table):
+        raise ConfigError(f"method.elec.user_table and method.elec.item_table are both unset; {TABLE_HINT}")
+
+
+def _check_student(cfg: ExperimentConfig, schema: PreparedSchema | None) -> None:
+    _check_options(cfg, schema)
+    e = cfg.method.elec
+    if not (e.distils and e.mode == Mode.TWO_STAGE):
+        return
+    from recsys.experiment import check_method, load_config
+
+    check_upstream(cfg)
+    run = Path(e.teacher_run)
+    teacher = load_config(run / "config.yaml")
+    if teacher.method.name not in ("elec_gain", "none"):
+        raise ConfigError(f"{run} trained method {teacher.method.name!r}: a teacher is a gain network "
+                          "(elec_gain) or, as a control, a plain model (none)")
+    done = json.loads((run / "test_metrics.json").read_text())
+    if schema is not None and done.get("fingerprint") != schema.fingerprint:
+        raise ConfigError(f"{run} was trained on dataset {done.get('dataset')!r} (fingerprint "
+                          f"{done.get('fingerprint')}), not on {schema.name!r} ({schema.fingerprint})")
+    check_method(teacher, schema)
+
+
+def _lm_vectors(schema: PreparedSchema, cfg: ExperimentConfig) -> LMVectors:
+    """The adapted user and item vectors, keyed by the field their table indexes (``user_id``, ``item_id``)."""
+    from recsys.features import load_feature_table
+
+    tables, masks = {}, {}
+    for entity, path in (("user", cfg.method.elec.user_table), ("item", cfg.method.elec.item_table)):
+        if not path:
+            continue
+        table = load_feature_table(path, expect_fingerprint=schema.fingerprint, expect_entity=entity)
+        name = table.metadata.table
+        try:
+            f = schema.field(name)
+        except KeyError as e:
+            raise ConfigError(f"{path}: the {entity} table is keyed by {name!r}: {e}") from None
+        if f.kind is not FieldKind.CATEGORICAL or f.vocab_size != table.embeddings.shape[0]:
+            raise ConfigError(f"{path}: the {entity} table has {table.embeddings.shape[0]} rows keyed by {name!r}, "
+                              f"which must be a single-valued field with that many ids (it has {f.vocab_size})")
+        tables[name], masks[name] = table.embeddings, table.mask
+    return LMVectors(tables, masks, cfg.model.embedding_dim, projection_std=cfg.method.elec.projection_std)
+
+
+def _build_gain(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.device | None) -> Task:
+    lm = _lm_vectors(schema, cfg)
+    extra = len(lm.fields) if cfg.method.elec.inject == Inject.FIELDS else 0
+    return ELECGainTask(cfg.model.build(schema, device, extra), lm, cfg.method.elec)
+
+
+def teacher_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The gain network a student learns from: the finished ``teacher_run`` (two-stage), or, in joint mode,
+    the student's own experiment as a gain network."""
+    from recsys.experiment import load_config
+
+    e = cfg.method.elec
+    if e.mode == Mode.JOINT:
+        return replace(cfg, method=replace(cfg.method, name="elec_gain"))
+    return load_config(Path(e.teacher_run) / "config.yaml")
+
+
+def _build_student(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.device | None) -> Task:
+    e = cfg.method.elec
+    # a gain network; in two-stage mode a plain model's run also works (the control: distillation without
+    # any language model)
+    teacher = None
+    if e.distils:
+        tc = teacher_config(cfg)
+        teacher = get_method(tc.method.name).build(schema, tc, device)
+    return ELECStudentTask(cfg.model.build(schema, device), teacher, e)
+
+
+register(MethodSpec(name="elec_gain", summary="ELEC's gain network: a backbone plus adapted user/item vectors",
+                    build=_build_gain, section="elec", config=ELECConfig, check=_check_options, needs=_needs))
+register(MethodSpec(name="elec_student", summary="ELEC's tabular-only student, distilled from a gain network",
+                    build=_build_student, section="elec", config=ELECConfig, check=_check_student, needs=_needs,
+                    exports=True))

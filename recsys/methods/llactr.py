@@ -17,14 +17,21 @@ No language model runs at training or serving time: the online cost is O(K^2 D) 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recsys.data.batch import Batch
-from recsys.models.base import Backbone
-from recsys.train.task import TaskOutput, weighted_bce
+from recsys.data.schema import PreparedSchema
+from recsys.methods.registry import MethodSpec, Upstream, register
+from recsys.models.base import Backbone, CTROutput
+from recsys.train.config import ConfigError
+from recsys.train.task import Task
+
+if TYPE_CHECKING:
+    from recsys.experiment import ExperimentConfig
 
 
 @dataclass
@@ -107,45 +114,73 @@ class FieldInteraction(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
 
-class LLaCTRTask(nn.Module):
+class LLaCTRTask(Task):
     """A backbone plus FRE and FIE; the loss is BCE + lambda_loss * FRE.
 
     Example::
 
         field_emb = load_feature_table(path, expect_fingerprint=schema.fingerprint, expect_entity="field").embeddings
         task = LLaCTRTask(build_backbone("dcnv2", schema, 16), field_emb, LLaCTRConfig())
-        loss, (_, logits, labels, weights) = task(batch)
+        loss, step = task(batch)
     """
 
     def __init__(self, model: Backbone, field_emb: torch.Tensor, cfg: LLaCTRConfig) -> None:
-        super().__init__()
+        super().__init__(model)
         k = model.sparse_arch.num_fields
         if field_emb.shape[0] != k:
             raise ValueError(f"the field table has {field_emb.shape[0]} rows but the dataset has {k} fields "
                              f"({model.sparse_arch.field_names}): was it made for another dataset?")
-        self.model, self.cfg, self.num_fields = model, cfg, k
+        self.cfg, self.num_fields = cfg, k
         # Built on the real device (not meta): DistributedModelParallel would zero a meta buffer.
         self.register_buffer("field_emb", field_emb.float().clone())
         self.projection = nn.Linear(field_emb.shape[1], model.embedding_dim) if cfg.fre else None
         self.interaction = FieldInteraction(field_emb, scale=cfg.lambda_llm) if cfg.fie else None
 
-    def _logit(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def output(self, batch: Batch) -> CTROutput:
+        """The backbone's output with FIE added to the logit (the served logit); FRE only shapes training."""
         out = self.model(batch)
         emb, logit = out.field_embeddings, out.logit
         if self.model.num_extra_fields:  # fixed at build time, so the fx trace sees no branch on data
             emb = emb[:, : self.num_fields]
         if self.interaction is not None:
             logit = logit + self.interaction(emb)  # lambda_llm is the interaction's scale
-        return logit, emb
+        return CTROutput(logit=logit, representation=out.representation, field_embeddings=emb)
 
-    def score(self, batch: Batch) -> torch.Tensor:
-        """The served logit: the backbone's plus FIE (FRE only shapes training)."""
-        return self._logit(batch)[0]
+    def extra_losses(self, batch: Batch, out: CTROutput) -> dict[str, tuple[float, torch.Tensor]]:
+        if self.projection is None:
+            return {}
+        return {"fre": (self.cfg.lambda_loss, field_kl(self.projection(self.field_emb), out.field_embeddings))}
 
-    def forward(self, batch: Batch) -> TaskOutput:
-        logit, emb = self._logit(batch)
-        loss = weighted_bce(logit, batch)
-        if self.projection is not None:
-            kl = field_kl(self.projection(self.field_emb), emb)
-            loss = loss + self.cfg.lambda_loss * (kl * batch.weights).sum() / batch.weights.sum().clamp(min=1.0)
-        return loss, (loss.detach(), logit.detach(), batch.labels, batch.weights)
+
+# ------------------------------------------------------------------------------------------------
+# Registration
+# ------------------------------------------------------------------------------------------------
+FIELD_TABLE_HINT = ("make it with `python -m embedding_jobs.field_finetune ...` then "
+                    "`python -m embedding_jobs.run --entity field ...`")
+
+
+def _needs(cfg: ExperimentConfig) -> list[Upstream]:
+    return [Upstream("method.llactr.field_table", cfg.method.llactr.field_table, "the field feature table",
+                     FIELD_TABLE_HINT)]
+
+
+def _build(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.device | None) -> Task:
+    from recsys.features import load_feature_table
+
+    backbone = cfg.model.build(schema, device)
+    table = load_feature_table(cfg.method.llactr.field_table, expect_fingerprint=schema.fingerprint,
+                               expect_entity="field", num_rows=len(schema.fields))
+    # the table is keyed by schema position; the sparse arch orders sparse fields before dense ones
+    position = {f.name: i for i, f in enumerate(schema.fields)}
+    order = [position[name] for name in backbone.sparse_arch.field_names]
+    return LLaCTRTask(backbone, table.embeddings[order], cfg.method.llactr)
+
+
+def _check(cfg: ExperimentConfig, schema: PreparedSchema | None) -> None:
+    c = cfg.method.llactr
+    if c.lambda_loss < 0:
+        raise ConfigError(f"method.llactr.lambda_loss={c.lambda_loss}: must be >= 0")
+
+
+SPEC = register(MethodSpec(name="llactr", summary="field-level language-model knowledge (LLaCTR)", build=_build,
+                           section="llactr", config=LLaCTRConfig, check=_check, needs=_needs))

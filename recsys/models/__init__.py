@@ -62,8 +62,10 @@ def build_backbone(
     config: BackboneConfig | None = None,
     num_extra_fields: int = 0,
     device: torch.device | None = None,
+    sequence_fields: tuple[str, ...] = (),
 ) -> Backbone:
-    """Build backbone ``name`` with its ``SparseArch`` (and ``FirstOrderArch``); ``config=None`` uses defaults."""
+    """Build backbone ``name`` with its ``SparseArch`` (and ``FirstOrderArch``); ``config=None`` uses defaults.
+    ``sequence_fields``: sequence fields a method reads position by position (``SparseArch.embed``)."""
     spec = BACKBONES.get(name)
     if spec is None:
         raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(sorted(BACKBONES))}")
@@ -72,7 +74,7 @@ def build_backbone(
     elif not isinstance(config, spec.config):
         raise TypeError(f"backbone {name!r} takes a {spec.config.__name__}, got {type(config).__name__}")
     device = device or torch.device("meta")
-    sparse_arch = SparseArch(schema, embedding_dim, device=device)
+    sparse_arch = SparseArch(schema, embedding_dim, device=device, sequence_fields=sequence_fields)
     if spec.first_order:
         return spec.cls(sparse_arch, config, num_extra_fields, device, first_order=FirstOrderArch(schema, device))
     return spec.cls(sparse_arch, config, num_extra_fields, device)

@@ -46,7 +46,11 @@ class Backbone(nn.Module):
         return self.output_layer.in_features
 
     def forward(self, batch: Batch, extra: torch.Tensor | None = None) -> CTROutput:
-        emb = self.sparse_arch(batch)
+        return self.from_embeddings(self.sparse_arch(batch), batch, extra)
+
+    def from_embeddings(self, emb: torch.Tensor, batch: Batch, extra: torch.Tensor | None = None) -> CTROutput:
+        """The rest of ``forward`` from field embeddings already looked up (a method that also reads
+        ``sparse_arch.embed``'s sequences looks them up once)."""
         if extra is not None:
             emb = torch.cat([emb, extra], dim=1)
         # torch._assert, not `if`: the train pipeline traces forward with torch.fx

@@ -1,20 +1,27 @@
-"""Sparse arch: one TorchRec EmbeddingBagCollection for every model.
+"""Sparse arch: one TorchRec EmbeddingBagCollection for every model, and a per-position path for methods
+that read sequences in order.
 
 One table per vocabulary (a field that shares another field's vocabulary, such as a history of item ids,
 shares its table too), mean pooling so single-valued, multi-valued and history fields all give one vector
 per field. Built on the ``meta`` device by default: DistributedModelParallel materialises and shards it.
+
+A method that needs a sequence position by position (SRP4CTR's encoder, for instance) builds the arch with
+``sequence_fields``: the tables those fields use move into a TorchRec ``EmbeddingCollection`` (no pooling),
+together with every field that shares them (``hist_item_id`` takes ``item_id`` along, so the target item
+and the history read one table). Those fields' pooled vectors are then the mean of their positions, which
+is what the bag would have computed; every other table stays in the EmbeddingBagCollection.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedTensor
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from recsys.data.batch import Batch
-from recsys.data.schema import PreparedSchema
+from recsys.data.schema import FieldKind, PreparedField, PreparedSchema
 
 
 def pooled_by_name(pooled: KeyedTensor, names: list[str]) -> torch.Tensor:
@@ -27,10 +34,15 @@ def pooled_by_name(pooled: KeyedTensor, names: list[str]) -> torch.Tensor:
     return KeyedTensor.regroup([pooled], [names])[0]
 
 
-def _bag_configs(schema: PreparedSchema, dim: int, prefix: str) -> list[EmbeddingBagConfig]:
+def _tables(fields: tuple[PreparedField, ...] | list[PreparedField]) -> dict[str, list[str]]:
     tables: dict[str, list[str]] = {}
-    for f in schema.sparse_fields:
+    for f in fields:
         tables.setdefault(f.table, []).append(f.name)
+    return tables
+
+
+def _bag_configs(schema: PreparedSchema, dim: int, prefix: str,
+                 fields: list[PreparedField] | None = None) -> list[EmbeddingBagConfig]:
     sizes = {f.name: f.vocab_size for f in schema.sparse_fields}
     return [
         EmbeddingBagConfig(
@@ -40,23 +52,44 @@ def _bag_configs(schema: PreparedSchema, dim: int, prefix: str) -> list[Embeddin
             feature_names=names,
             pooling=PoolingType.MEAN,
         )
-        for table, names in tables.items()
+        for table, names in _tables(schema.sparse_fields if fields is None else fields).items()
     ]
+
+
+@torch.fx.wrap  # a leaf of the train pipeline's fx trace: its shapes depend on the data
+def masked_mean(jt: JaggedTensor, batch_size: int) -> torch.Tensor:
+    """``[B, D]``: the mean of each row's positions (zeros for an empty row), as a MEAN bag pools."""
+    values, lengths = jt.values(), jt.lengths()
+    rows = torch.repeat_interleave(torch.arange(batch_size, device=lengths.device), lengths)
+    total = values.new_zeros((batch_size, values.shape[1])).index_add(0, rows, values)
+    return total / lengths.clamp(min=1).unsqueeze(1).to(total.dtype)
+
+
+@torch.fx.wrap
+def padded_positions(jt: JaggedTensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, length, D], mask [B, length])``: each row's positions in stored order, zero-padded."""
+    padded = jt.to_padded_dense(desired_length=length)
+    mask = torch.arange(length, device=padded.device).unsqueeze(0) < jt.lengths().unsqueeze(1)
+    return padded, mask
 
 
 class SparseArch(nn.Module):
     """Per-field embeddings ``[B, N, D]``: sparse fields in schema order, then dense fields.
 
     A dense field's embedding is its value times a learned vector (as in FuxiCTR), so every field is
-    a D-vector and any backbone treats them alike.
+    a D-vector and any backbone treats them alike. With ``sequence_fields``, :meth:`embed` also returns
+    those fields position by position (see the module's docstring).
 
     Example::
 
         arch = SparseArch(schema, embedding_dim=16, device=torch.device("cpu"))
         emb = arch(batch)  # [batch_size, arch.num_fields, 16]
+        arch = SparseArch(schema, 16, device=torch.device("cpu"), sequence_fields=("hist_item_id",))
+        emb, seqs = arch.embed(batch)  # seqs["hist_item_id"]: ([B, max_length, 16], mask [B, max_length])
     """
 
-    def __init__(self, schema: PreparedSchema, embedding_dim: int, device: torch.device | None = None) -> None:
+    def __init__(self, schema: PreparedSchema, embedding_dim: int, device: torch.device | None = None,
+                 sequence_fields: tuple[str, ...] = ()) -> None:
         super().__init__()
         if embedding_dim % 4:
             # FBGEMM's kernels need every table's dimension divisible by 4.
@@ -65,7 +98,24 @@ class SparseArch(nn.Module):
         self.embedding_dim = embedding_dim
         self.sparse_names = [f.name for f in schema.sparse_fields]
         self.dense_names = [f.name for f in schema.dense_fields]
-        self.ebc = EmbeddingBagCollection(_bag_configs(schema, embedding_dim, "t_"), device=device)
+        for name in sequence_fields:
+            f = schema.field(name)
+            if f.kind is not FieldKind.SEQUENCE or not f.max_length:
+                raise ValueError(f"sequence_fields: {name!r} is a {f.kind.value} field; only sequence fields (with "
+                                 "a max_length) are read position by position")
+        self.sequence_lengths = {name: schema.field(name).max_length for name in sequence_fields}
+        per_position = {schema.field(n).table for n in sequence_fields}
+        pooled = [f for f in schema.sparse_fields if f.table not in per_position]
+        positional = [f for f in schema.sparse_fields if f.table in per_position]
+        self.bag_names = [f.name for f in pooled]
+        self.position_names = [f.name for f in positional]
+        self.ebc = (EmbeddingBagCollection(_bag_configs(schema, embedding_dim, "t_", pooled), device=device)
+                    if pooled else None)
+        sizes = {f.name: f.vocab_size for f in schema.sparse_fields}
+        self.ec = (EmbeddingCollection([EmbeddingConfig(name=f"t_{table}", embedding_dim=embedding_dim,
+                                                        num_embeddings=sizes[table], feature_names=names)
+                                        for table, names in _tables(positional).items()], device=device)
+                   if positional else None)
         self.dense_weight = (nn.Parameter(torch.empty(len(self.dense_names), embedding_dim, device=device))
                              if self.dense_names else None)
         if device.type != "meta":
@@ -84,12 +134,28 @@ class SparseArch(nn.Module):
         return len(self.sparse_names) + len(self.dense_names)
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        pooled = pooled_by_name(self.ebc(batch.sparse_features), self.sparse_names)  # schema order, any plan
-        emb = pooled.view(pooled.shape[0], -1, self.embedding_dim)
+        return self.embed(batch)[0]
+
+    def embed(self, batch: Batch) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """The ``[B, N, D]`` field embeddings, and each sequence field's ``([B, L, D], mask [B, L])``."""
+        if self.ec is None:  # every table pooled: the bag's output read by name, schema order, any plan
+            pooled = pooled_by_name(self.ebc(batch.sparse_features), self.sparse_names)
+            emb = pooled.view(pooled.shape[0], -1, self.embedding_dim)
+            sequences = {}
+        else:
+            b = batch.labels.shape[0]
+            per_position = self.ec(batch.sparse_features)  # name -> JaggedTensor, read by name as well
+            vectors = {name: masked_mean(per_position[name], b) for name in self.position_names}
+            if self.bag_names:
+                bags = pooled_by_name(self.ebc(batch.sparse_features), self.bag_names).view(b, -1, self.embedding_dim)
+                vectors |= {name: bags[:, i] for i, name in enumerate(self.bag_names)}
+            emb = torch.stack([vectors[name] for name in self.sparse_names], dim=1)
+            sequences = {name: padded_positions(per_position[name], length)
+                         for name, length in self.sequence_lengths.items()}
         if self.dense_names:
             dense = batch.dense_features.unsqueeze(-1) * self.dense_weight  # [B, n_dense, D]
             emb = torch.cat([emb, dense], dim=1)
-        return emb
+        return emb, sequences
 
 
 class FirstOrderArch(nn.Module):

@@ -4,8 +4,8 @@
     schema.json   the prepared dataset's schema: fields, vocabulary sizes, fingerprint
     export.json   backbone name and configuration, embedding size, the run it came from and its test metrics
 
-Only models whose served logit is a backbone's own are exported: ``none`` (the plain backbone) and
-``elec_student`` (ELEC's vanilla network; its teacher, language model and feature tables stay behind).
+Only methods whose spec says ``exports`` are exported: their served logit is the backbone's own (the plain
+backbone; ELEC's student, whose teacher, language model and feature tables stay behind).
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from recsys.data.schema import PreparedSchema
 from recsys.models import BACKBONES, build_backbone
 from recsys.models.base import Backbone
 from recsys.train.checkpoint import UnsafeCheckpointError, load_part
-from recsys.train.config import ConfigError, from_dict, load_config
+from recsys.train.config import ConfigError, from_dict
 
 FORMAT_VERSION = 1
-EXPORTABLE = ("none", "elec_student")  # methods whose served logit is the backbone's
 
 
 @dataclass
@@ -50,13 +49,19 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not (out / "export.json").is_file() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an exported model: refusing to replace it")
+    from recsys.experiment import load_config
+    from recsys.methods import METHODS, get_method
+
     cfg = load_config(run_dir / "config.yaml")
-    if cfg.method.name not in EXPORTABLE:
-        raise ConfigError(f"{run_dir} trained method {cfg.method.name!r}; only {EXPORTABLE} export as a bare "
-                          "backbone (an elec_gain network needs its feature tables: distil it into elec_student)")
+    if not get_method(cfg.method.name).exports:
+        exportable = sorted(n for n, s in METHODS.items() if s.exports)
+        raise ConfigError(f"{run_dir} trained method {cfg.method.name!r}, whose served model is more than a "
+                          f"backbone; only {exportable} export as a bare backbone (a network that needs feature "
+                          "tables or a language model at serving time is distilled into one first, e.g. "
+                          "elec_gain into elec_student)")
     schema = PreparedSchema.load(cfg.data.path)
     m = cfg.model
-    backbone = build_backbone(m.backbone, schema, m.embedding_dim, m.backbone_config(), device=torch.device("cpu"))
+    backbone = m.build(schema, torch.device("cpu"))
     load_part(run_dir / "checkpoints" / checkpoint, backbone, source_prefix="model.")
     metrics_file = run_dir / "test_metrics.json"
     meta = {

@@ -3,6 +3,8 @@
 Trains a CTR model on a prepared dataset with sharded TorchRec embeddings, evaluates it on the test split
 with the best validation checkpoint, and writes the run folder (see recsys.train.trainer). Run it with
 torchrun (or TorchX) for several ranks: torchrun --nproc_per_node 2 -m recsys.train --config ...
+
+The method (method.name=NAME, its options under method.<section>) wraps the backbone (model.backbone=NAME).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import sys
 import warnings
 
-from recsys.train.config import ConfigError, load_config
+from recsys.train.config import ConfigError
 
 
 class _ThirdPartyFilter(logging.Filter):
@@ -34,9 +36,12 @@ def quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from recsys.experiment import build_trainer, load_config, method_summaries
+
     p = argparse.ArgumentParser(prog="python -m recsys.train", description=__doc__,
+                                epilog="methods:\n" + method_summaries(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="experiment YAML file (sections: name, data, model, optim, train)")
+    p.add_argument("--config", help="experiment YAML file (sections: name, data, model, method, optim, train)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="override any setting, e.g. train.seed=3 model.backbone=dcnv2 data.batch_size=2048")
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
@@ -52,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
         from recsys.train.checkpoint import UnsafeCheckpointError
-        from recsys.train.trainer import Trainer, results_table  # heavy imports after --help
+        from recsys.train.trainer import results_table
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
     try:
-        trainer = Trainer(cfg)
+        trainer = build_trainer(cfg)
         result = trainer.fit()
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)

@@ -1,12 +1,10 @@
-"""Experiment configuration: typed dataclasses, one YAML file per experiment, command-line overrides.
+"""The trainer's configuration sections (``data``, ``optim``, ``train``) and the typed converter every
+configuration in the project goes through.
 
-Example experiment file::
-
-    name: ml100k_deepfm
-    data: {path: runs/data/ml-100k, batch_size: 4096}
-    model: {backbone: deepfm, embedding_dim: 16, deepfm: {hidden: [400, 400]}}
-    optim: {embedding_optimizer: adagrad, embedding_lr: 0.1, dense_lr: 0.001}
-    train: {epochs: 5, seed: 2024}
+The whole experiment (these sections plus ``model`` and ``method``) is :class:`recsys.experiment.ExperimentConfig`;
+this module knows no backbone and no method. The converter checks every value against its annotation:
+``int``/``float``/``str``/``bool``, lists, tuples, ``dict[str, X]``, ``X | None``, nested dataclasses,
+``Literal[...]`` and ``StrEnum`` (an option outside its allowed values is refused with them named).
 
 Overrides use dotted keys and YAML values: ``train.seed=3 model.deepfm.hidden=[200,200]``.
 """
@@ -14,23 +12,14 @@ Overrides use dotted keys and YAML values: ``train.seed=3 model.deepfm.hidden=[2
 from __future__ import annotations
 
 import dataclasses
-import re
+import enum
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-
-from recsys.methods.elec import ELECConfig
-from recsys.methods.llactr import LLaCTRConfig
-from recsys.models.autoint import AutoIntConfig
-from recsys.models.dcnv2 import DCNv2Config
-from recsys.models.deepfm import DeepFMConfig
-from recsys.models.finalmlp import FinalMLPConfig
-from recsys.models.fm import FMConfig
-from recsys.models.wukong import WukongConfig
 
 
 class ConfigError(ValueError):
@@ -45,45 +34,40 @@ class DataConfig:
     window_row_groups: int = 8  # row groups shuffled together (bounded memory for large splits)
 
 
-@dataclass
-class ModelConfig:
-    backbone: str = "deepfm"  # fm, deepfm, dcnv2, autoint, finalmlp, wukong
-    embedding_dim: int = 16
-    fm: FMConfig = field(default_factory=FMConfig)
-    deepfm: DeepFMConfig = field(default_factory=DeepFMConfig)
-    dcnv2: DCNv2Config = field(default_factory=DCNv2Config)
-    autoint: AutoIntConfig = field(default_factory=AutoIntConfig)
-    finalmlp: FinalMLPConfig = field(default_factory=FinalMLPConfig)
-    wukong: WukongConfig = field(default_factory=WukongConfig)
-
-    def backbone_config(self) -> Any:
-        return getattr(self, self.backbone)
+Schedule = Literal["constant", "linear", "cosine"]
 
 
 @dataclass
-class MethodConfig:
-    name: str = "none"  # none (the plain backbone), llactr, elec_gain or elec_student
-    llactr: LLaCTRConfig = field(default_factory=LLaCTRConfig)
-    elec: ELECConfig = field(default_factory=ELECConfig)
+class GroupOptimConfig:
+    """Settings of one dense parameter group a task declares (``optim.groups.NAME``); unset: the task's
+    default for that group, else ``optim.dense_*``."""
+
+    optimizer: Literal["adam", "adamw", "adagrad", "sgd"] | None = None
+    lr: float | None = None
+    weight_decay: float | None = None
+    schedule: Schedule | None = None  # after warm-up: constant, linear decay to 0, or cosine to 0
+    warmup_steps: int | None = None
 
 
 @dataclass
 class OptimConfig:
     # Embedding tables use FBGEMM's fused optimizers (applied in backward). On CPU FBGEMM offers
     # adagrad, rowwise_adagrad and sgd; adam needs a GPU.
-    embedding_optimizer: str = "adagrad"
+    embedding_optimizer: Literal["adagrad", "rowwise_adagrad", "sgd", "adam"] = "adagrad"
     embedding_lr: float = 0.1
     embedding_eps: float = 1e-8
-    dense_optimizer: str = "adam"  # adam, adagrad, sgd
+    dense_optimizer: Literal["adam", "adamw", "adagrad", "sgd"] = "adam"
     dense_lr: float = 1e-3
     dense_weight_decay: float = 0.0
+    # per parameter group of the task (e.g. a language model beside the CTR model): {plm: {lr: 1e-5}}
+    groups: dict[str, GroupOptimConfig] = field(default_factory=dict)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 5
+    epochs: int = 5  # per stage, unless a stage sets its own (train.stage_epochs)
     seed: int = 2024
-    patience: int = 1  # stop after this many epochs without a better validation AUC
+    patience: int = 1  # stop a stage after this many epochs without a better monitored metric
     out_dir: str = "runs/train"  # the run goes to out_dir/<name>
     sharding_types: list[str] | None = None  # e.g. [table_wise, column_wise]; None: the planner chooses
     pipeline: bool = True  # TrainPipelineSparseDist (overlaps input distribution with compute)
@@ -91,31 +75,12 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None  # for smoke tests
     resume: bool = True  # continue from the run folder's last complete checkpoint
     progress: bool = True
+    stage_epochs: dict[str, int] = field(default_factory=dict)  # epochs of named stages, e.g. {pretrain: 3}
 
 
-@dataclass
-class ExperimentConfig:
-    name: str = "experiment"
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    method: MethodConfig = field(default_factory=MethodConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        # the name is the run folder's name inside train.out_dir: it may not lead anywhere else
-        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", self.name) or ".." in self.name:
-            raise ConfigError(f"name {self.name!r}: a run name is letters, digits, '_', '-' and '.' (it names the "
-                              "run folder inside train.out_dir)")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.train.out_dir) / self.name
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
+# ------------------------------------------------------------------------------------------------
+# The typed converter
+# ------------------------------------------------------------------------------------------------
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -135,12 +100,27 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: cannot be {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose from {list(allowed)}")
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise ConfigError(f"{where}: {value!r} is not allowed; choose from {[m.value for m in tp]}") from None
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         (inner, *_) = typing.get_args(tp) or (Any,)
         items = [_convert(inner, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {_convert(key_tp, k, f"{where} key"): _convert(value_tp, v, f"{where}.{k}") for k, v in value.items()}
     if tp is Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -149,7 +129,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
         return value
-    return value
+    raise ConfigError(f"{where}: the configuration cannot hold a {tp!r} (a bug in the option's declaration)")
 
 
 def from_dict(cls: type, data: dict[str, Any] | None, where: str = "config") -> Any:
@@ -170,6 +150,19 @@ def from_dict(cls: type, data: dict[str, Any] | None, where: str = "config") -> 
         raise ConfigError(f"{where}: {e}") from None
 
 
+def to_plain(obj: Any) -> Any:
+    """A dataclass as plain YAML-able data (enums by value, tuples as lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, list | tuple):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
         if "=" not in item:
@@ -185,7 +178,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+def read_yaml(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """An experiment file as a mapping, with ``overrides`` applied (``None``: overrides alone)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -197,5 +191,4 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: an experiment file is a mapping of sections")
-    data = apply_overrides(data, overrides or [])
-    return from_dict(ExperimentConfig, data, str(path) if path else "config")
+    return apply_overrides(data, overrides or [])

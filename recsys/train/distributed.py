@@ -12,10 +12,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
+from torchrec.distributed.model_parallel import (
+    DefaultDataParallelWrapper,
+    DistributedModelParallel,
+    get_default_sharders,
+)
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingPlan, ShardingType
-from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
@@ -28,10 +32,13 @@ log = logging.getLogger(__name__)
 # and the per-table parameters it exposes are views that never receive a gradient, so with the dense
 # optimizer built from them the table silently stays at its initial values. Every table is model-parallel.
 CPU_SHARDING_TYPES = ("table_wise", "column_wise", "table_column_wise")
+# TorchRec's EmbeddingCollection (per-position sequence tables) takes fewer types than the bag collection
+SEQUENCE_SHARDING_TYPES = ("table_wise", "column_wise", "row_wise")
 GPU_SHARDING_TYPES = (*CPU_SHARDING_TYPES, "row_wise", "table_row_wise", "grid_shard")
 EMBEDDING_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad,
                         "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "adagrad": torch.optim.Adagrad,
+                    "sgd": torch.optim.SGD}
 
 
 @dataclass(frozen=True)
@@ -128,8 +135,15 @@ def _restart_safe_store(timeout: timedelta) -> dist.Store | None:
     return dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def embedding_tables(model: nn.Module) -> list[EmbeddingBagCollection]:
-    return [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
+def embedding_tables(model: nn.Module) -> list[EmbeddingBagCollection | EmbeddingCollection]:
+    """Every TorchRec embedding module of ``model``: pooled (EBC) and per-position (EC)."""
+    return [m for m in model.modules() if isinstance(m, EmbeddingBagCollection | EmbeddingCollection)]
+
+
+def table_configs(model: nn.Module) -> list:
+    """The table configurations of every embedding module of ``model``."""
+    return [c for m in embedding_tables(model) for c in (
+        m.embedding_bag_configs() if isinstance(m, EmbeddingBagCollection) else m.embedding_configs())]
 
 
 def check_optim(cfg: OptimConfig, device: torch.device) -> None:
@@ -165,25 +179,37 @@ def fuse_embedding_optimizer(model: nn.Module, cfg: OptimConfig) -> None:
 
 
 def plan_and_shard(model: nn.Module, env: DistEnv, per_rank_batch: int, sharding_types: list[str] | None,
-                   table_sharding: dict[str, str] | None = None) -> tuple[DistributedModelParallel, ShardingPlan]:
+                   table_sharding: dict[str, str] | None = None,
+                   find_unused_parameters: bool = False) -> tuple[DistributedModelParallel, ShardingPlan]:
     """Plan and shard every embedding table of ``model``.
 
     ``sharding_types`` limits what the planner may choose for every table (None: any this device allows);
     ``table_sharding`` fixes the type of single tables by name (``{"t_user_id": "column_wise"}``).
+    ``find_unused_parameters``: the dense part's DDP may see steps that use only some parameters (a task with
+    several stages); by default DDP assumes one static graph.
     """
     default = list(sharding_types or (CPU_SHARDING_TYPES if env.device.type == "cpu" else GPU_SHARDING_TYPES))
     check_sharding_types(list((table_sharding or {}).values()), env.device)
 
+    per_position = {c.name for m in embedding_tables(model) if isinstance(m, EmbeddingCollection)
+                    for c in m.embedding_configs()}
+
     def constraint(table: str, dim: int) -> ParameterConstraints:
         allowed = [table_sharding[table]] if table_sharding and table in table_sharding else default
+        explicit = bool(sharding_types) or allowed is not default
+        if table in per_position:
+            allowed = [t for t in allowed if t in SEQUENCE_SHARDING_TYPES]
+            if not allowed:
+                raise ConfigError(f"{table} is a per-position (sequence) table: TorchRec's EmbeddingCollection shards "
+                                  "it table_wise or column_wise (row_wise on GPUs), not as "
+                                  f"{table_sharding.get(table) if table_sharding else sharding_types}")
         # Column-wise shards are at least min_partition wide (default 32, wider than CTR tables): when asked
         # for column-wise sharding, allow one shard per rank so that it actually splits a table.
-        split = (bool(sharding_types) or allowed is not default) and any("column" in t for t in allowed)
+        split = explicit and any("column" in t for t in allowed)
         return ParameterConstraints(sharding_types=allowed,
                                     min_partition=max(4, dim // env.world_size) if split else None)
 
-    constraints = {cfg.name: constraint(cfg.name, cfg.embedding_dim)
-                   for ebc in embedding_tables(model) for cfg in ebc.embedding_bag_configs()}
+    constraints = {cfg.name: constraint(cfg.name, cfg.embedding_dim) for cfg in table_configs(model)}
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=env.world_size, local_world_size=env.local_world_size,
                           compute_device=env.device.type),
@@ -192,7 +218,10 @@ def plan_and_shard(model: nn.Module, env: DistEnv, per_rank_batch: int, sharding
     )
     sharders = get_default_sharders()
     plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders)
+    wrapper = (DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True)
+               if find_unused_parameters else None)
+    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders,
+                                   data_parallel_wrapper=wrapper)
     return dmp, plan
 
 

@@ -1,13 +1,17 @@
-"""The one training loop, for every backbone and every method.
+"""The one training loop, for every backbone, every method and every stage.
 
-    task = build_task(schema, cfg)          # an nn.Module: batch -> (loss, (loss, logits, labels, weights))
-    fuse the embedding optimizer            # FBGEMM fused kernels, applied in backward
-    plan, shard                             # EmbeddingShardingPlanner + DistributedModelParallel
-    for each epoch: train (TrainPipelineSparseDist), evaluate (global AUC/logloss), checkpoint, early-stop
-    restore the best checkpoint, evaluate on test
+    trainer = Trainer(cfg, task, env, schema)   # the entry point builds the task and the process group
+    fuse the embedding optimizer                # FBGEMM fused kernels, applied in backward
+    plan, shard                                 # EmbeddingShardingPlanner + DistributedModelParallel
+    for each stage of the task (e.g. pre-train, then fine-tune):
+        start from the previous stage's best weights (or resume this stage's last checkpoint)
+        for each epoch: train (TrainPipelineSparseDist), evaluate the stage's metrics, checkpoint, early-stop
+    restore the final stage's best checkpoint, evaluate it on valid and test
 
-A run folder holds config.yaml, plan.txt, metrics.csv, metrics.json, test_metrics.json, curves.png and
-checkpoints/{last,best}. Rerunning the same experiment resumes from checkpoints/last.
+The trainer knows the task protocol (``recsys.train.task``) and no method. A run folder holds config.yaml,
+plan.txt, metrics.csv, metrics.json, test_metrics.json, curves.png and checkpoints/{last,best} of the final
+stage; an earlier stage keeps its own under stages/<name>/. Rerunning the same experiment resumes from the
+last complete checkpoint of the stage it was in.
 """
 
 from __future__ import annotations
@@ -16,28 +20,27 @@ import csv
 import json
 import logging
 import math
-import os
 import random
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import yaml
-from torch import nn
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from tqdm.auto import tqdm
 
+from recsys.atomic import write_text_atomic
 from recsys.data.batch import Batch
 from recsys.data.loader import ParquetBatches
 from recsys.data.schema import PreparedSchema
-from recsys.methods.registry import build_task, check_method
-from recsys.models import BACKBONES
 from recsys.train.checkpoint import Checkpointer, load_part
-from recsys.train.config import ConfigError, ExperimentConfig
+from recsys.train.config import ConfigError, DataConfig, GroupOptimConfig, OptimConfig, TrainConfig
 from recsys.train.distributed import (
     DENSE_OPTIMIZERS,
     DistEnv,
@@ -46,94 +49,185 @@ from recsys.train.distributed import (
     dense_parameters,
     describe_plan,
     fuse_embedding_optimizer,
-    init_distributed,
     plan_and_shard,
 )
-from recsys.train.metrics import evaluate_predictions
 from recsys.train.plots import plot_curves
+from recsys.train.task import ParamGroup, Stage, Task
 
 log = logging.getLogger(__name__)
 
-TaskBuilder = Callable[[PreparedSchema, ExperimentConfig], nn.Module]
+
+class RunConfig(Protocol):
+    """What the trainer reads of an experiment (``recsys.experiment.ExperimentConfig`` is one)."""
+
+    name: str
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
+
+    @property
+    def run_dir(self) -> Path: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def describe(self) -> dict[str, str]: ...  # what records name the run by (backbone, method)
 
 
-def check_config(cfg: ExperimentConfig, env: DistEnv, schema: PreparedSchema | None = None) -> None:
-    """Everything that can be wrong with a configuration, found before any training starts."""
-    if cfg.model.backbone not in BACKBONES:
-        raise ConfigError(f"model.backbone {cfg.model.backbone!r} is unknown; choose from {sorted(BACKBONES)}")
-    if cfg.model.embedding_dim <= 0 or cfg.model.embedding_dim % 4:
-        raise ConfigError(f"model.embedding_dim={cfg.model.embedding_dim}: FBGEMM needs a positive multiple of 4")
+def check_run_config(cfg: RunConfig, env: DistEnv) -> None:
+    """Everything in the trainer's own sections that can be wrong, found before any training starts."""
     for name in ("batch_size", "eval_batch_size"):
         size = getattr(cfg.data, name)
         if size <= 0 or size % env.world_size:
             raise ConfigError(f"data.{name}={size} is the global batch and must split evenly over "
                               f"{env.world_size} ranks; use a multiple of {env.world_size}")
-    if cfg.train.epochs < 1 or cfg.train.patience < 1:
-        raise ConfigError("train.epochs and train.patience must be >= 1")
+    if cfg.train.epochs < 1 or cfg.train.patience < 1 or any(n < 1 for n in cfg.train.stage_epochs.values()):
+        raise ConfigError("train.epochs, train.stage_epochs and train.patience must be >= 1")
     check_optim(cfg.optim, env.device)
     check_sharding_types(cfg.train.sharding_types, env.device)
-    check_method(cfg, schema)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 @dataclass
 class RunState:
-    epoch: int = -1  # last finished epoch
+    epoch: int = -1  # last finished epoch of the stage
     best_epoch: int = -1
-    best_auc: float = -math.inf
+    best_value: float = -math.inf  # the stage's monitored validation metric at best_epoch
     bad_epochs: int = 0
     stopped_early: bool = False
+    step: int = 0  # optimizer steps taken in the stage (learning-rate schedules follow it)
     history: list[dict] = field(default_factory=list)
     step_losses: list[list[float]] = field(default_factory=list)
 
+    @classmethod
+    def from_meta(cls, meta: dict) -> RunState:
+        meta = dict(meta)
+        if "best_auc" in meta:  # checkpoints written before stages existed
+            meta["best_value"] = meta.pop("best_auc")
+        return cls(**meta)
+
+
+def _lr_factor(schedule: str, warmup: int, step: int, total: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class _Group:
+    """A dense parameter group as built: its optimizer and, where it has one, its learning-rate schedule."""
+
+    name: str
+    optimizer: KeyedOptimizerWrapper
+    lr: float
+    schedule: str
+    warmup: int
+
+    @property
+    def scheduled(self) -> bool:
+        return self.schedule != "constant" or self.warmup > 0
+
+    def set_step(self, step: int, total: int) -> None:
+        lr = self.lr * _lr_factor(self.schedule, self.warmup, step, total)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, build_task: TaskBuilder = build_task) -> None:
-        self.cfg = cfg
-        self.env = init_distributed()
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(cfg.train.num_threads or max(1, cores // self.env.local_world_size))
-        self.schema = PreparedSchema.load(cfg.data.path)
-        check_config(cfg, self.env, self.schema)
+    def __init__(self, cfg: RunConfig, task: Task, env: DistEnv, schema: PreparedSchema) -> None:
+        self.cfg, self.task, self.env, self.schema = cfg, task, env, schema
+        check_run_config(cfg, env)
+        names = [s.name for s in task.stages]
+        if len(set(names)) != len(names) or not names:
+            raise ValueError(f"{type(task).__name__} must declare uniquely named stages, got {names}")
+        unknown = sorted(set(cfg.train.stage_epochs) - set(names))
+        if unknown:
+            raise ConfigError(f"train.stage_epochs names unknown stage(s) {unknown}; this task's stages: {names}")
         self.run_dir = cfg.run_dir
-        self.ckpt = Checkpointer(self.run_dir / "checkpoints", self.env.is_main)
-        if not cfg.train.resume and self.ckpt.exists("last"):
+        self.checkpointers = {s.name: Checkpointer(self.stage_dir(s) / "checkpoints", env.is_main)
+                              for s in task.stages}
+        started = any(c.exists("last") for c in self.checkpointers.values())
+        if not cfg.train.resume and started:
             raise ConfigError(f"{self.run_dir} already holds a run; pass train.resume=true to continue it, "
                               "or choose another name")
-        self.per_rank_batch = cfg.data.batch_size // self.env.world_size
-        self._seed(cfg.train.seed)
-        task = build_task(self.schema, cfg)
+        self.per_rank_batch = cfg.data.batch_size // env.world_size
         fuse_embedding_optimizer(task, cfg.optim)
-        self.model, plan = plan_and_shard(task, self.env, self.per_rank_batch, cfg.train.sharding_types)
+        # a stage may leave parameters of another stage unused: DDP must then look for them every step
+        self.model, plan = plan_and_shard(task, env, self.per_rank_batch, cfg.train.sharding_types,
+                                          find_unused_parameters=len(task.stages) > 1)
         self.plan_text = describe_plan(plan)
-        if not self.ckpt.exists("last"):  # a resumed run has these weights in its own checkpoint
-            for prefix, path in getattr(task, "warm_start", {}).items():
+        if not started:  # a resumed run has these weights in its own checkpoint
+            for prefix, path in task.warm_start().items():
                 n = load_part(path, self.model, target_prefix=prefix)
                 self._log(f"loaded {n} tensors of {prefix.rstrip('.')} from {path}")
-        dense_cls = DENSE_OPTIMIZERS[cfg.optim.dense_optimizer]
-        self.dense_optimizer = KeyedOptimizerWrapper(
-            dense_parameters(self.model),
-            lambda params: dense_cls(params, lr=cfg.optim.dense_lr, weight_decay=cfg.optim.dense_weight_decay))
-        self.optimizer = CombinedOptimizer([self.model.fused_optimizer, self.dense_optimizer])
-        self.pipeline = (TrainPipelineSparseDist(self.model, self.optimizer, self.env.device)
-                         if cfg.train.pipeline else None)
         d = cfg.data
-        self.train_batches = ParquetBatches(d.path, "train", self.schema, self.per_rank_batch, self.env.rank,
-                                            self.env.world_size, shuffle=True, seed=cfg.train.seed,
-                                            window_row_groups=d.window_row_groups)
-        self.eval_per_rank = d.eval_batch_size // self.env.world_size
+        self.train_batches = ParquetBatches(d.path, "train", schema, self.per_rank_batch, env.rank,
+                                            env.world_size, shuffle=True, seed=cfg.train.seed,
+                                            window_row_groups=d.window_row_groups,
+                                            extra_columns=task.extra_columns, side_files=task.side_files("train"))
+        self.eval_per_rank = d.eval_batch_size // env.world_size
+        self.stage = task.stages[0]
+        task.set_stage(self.stage)
+        self._build_optimizer()
+        self.pipeline = (TrainPipelineSparseDist(self.model, self.optimizer, env.device)
+                         if cfg.train.pipeline else None)
 
     # ------------------------------------------------------------------------------------------
-    def _seed(self, seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+    def stage_dir(self, stage: Stage) -> Path:
+        """The final stage's files are the run's own (exports and teachers read checkpoints/best there)."""
+        return self.run_dir if stage is self.task.stages[-1] else self.run_dir / "stages" / stage.name
+
+    def stage_epochs(self, stage: Stage) -> int:
+        return self.cfg.train.stage_epochs.get(stage.name, self.cfg.train.epochs)
 
     def _log(self, msg: str) -> None:
         if self.env.is_main:
             log.info(msg)
 
-    def _steps(self, batches: Iterator[Batch]) -> Iterator[tuple]:
-        """One forward (and, in train mode, backward and optimizer step) per batch."""
+    def _build_optimizer(self) -> None:
+        """The fused embedding optimizer plus one dense optimizer per parameter group of the task."""
+        o = self.cfg.optim
+        dense = dense_parameters(self.model)
+        names = {id(p): n for n, p in self.task.named_parameters()}
+        declared = self.task.param_groups()
+        unknown = sorted(set(o.groups) - {g.name for g in declared} - {"dense"})
+        if unknown:
+            raise ConfigError(f"optim.groups names unknown parameter group(s) {unknown}; this task's groups: "
+                              f"{['dense', *[g.name for g in declared]]}")
+        members: dict[str, dict[str, torch.nn.Parameter]] = {g.name: {} for g in [ParamGroup("dense", ()), *declared]}
+        for key, p in dense.items():
+            task_name = names.get(id(p), key)
+            group = next((g.name for g in declared if task_name.startswith(g.prefixes)), "dense")
+            members[group][key] = p
+        self.groups: list[_Group] = []
+        for g in [ParamGroup("dense", ()), *declared]:
+            if not members[g.name]:
+                continue
+            user = o.groups.get(g.name, GroupOptimConfig())
+            kind = user.optimizer or g.optimizer or o.dense_optimizer
+            lr = _first(user.lr, g.lr, o.dense_lr)
+            wd = _first(user.weight_decay, g.weight_decay, o.dense_weight_decay)
+            schedule = user.schedule or g.schedule or "constant"
+            warmup = _first(user.warmup_steps, g.warmup_steps, 0)
+            if kind not in DENSE_OPTIMIZERS:
+                raise ConfigError(f"optim.groups.{g.name}.optimizer {kind!r} is not one of {sorted(DENSE_OPTIMIZERS)}")
+            opt = KeyedOptimizerWrapper(members[g.name],
+                                        lambda ps, c=DENSE_OPTIMIZERS[kind], lr=lr, wd=wd: c(ps, lr=lr, weight_decay=wd))
+            self.groups.append(_Group(g.name, opt, lr, schedule, warmup))
+        # the default group keeps the name it always had in checkpoints
+        parts = [self.model.fused_optimizer] + [g.optimizer if g.name == "dense" else (g.name, g.optimizer)
+                                                for g in self.groups]
+        self.optimizer = CombinedOptimizer(parts)
+
+    def _steps(self, batches: Iterator[Batch]) -> Iterator[dict[str, torch.Tensor]]:
+        """One forward (and, in train mode, backward and optimizer step) per batch; yields the step outputs."""
         if self.pipeline is not None:
             while True:
                 try:
@@ -151,58 +245,83 @@ class Trainer:
                 _, out = self.model(batch)
             yield out
 
+    def _steps_per_epoch(self) -> int:
+        limit = self.cfg.train.max_steps_per_epoch
+        return min(len(self.train_batches), limit) if limit else len(self.train_batches)
+
     def train_epoch(self, epoch: int, state: RunState) -> tuple[float, float]:
         self.model.train()
-        self._seed(self.cfg.train.seed * 1000 + epoch * 10 + self.env.rank)  # dropout masks, per epoch
+        seed_everything(self.cfg.train.seed * 1000 + epoch * 10 + self.env.rank)  # dropout masks, per epoch
         self.train_batches.set_epoch(epoch)
-        total = len(self.train_batches)
+        total = self._steps_per_epoch()
         limit = self.cfg.train.max_steps_per_epoch
-        if limit:
-            total = min(total, limit)
         it = iter(self.train_batches)
         if limit:
             it = (b for _, b in zip(range(limit), it, strict=False))
-        bar = tqdm(total=total, desc=f"epoch {epoch + 1}/{self.cfg.train.epochs}", unit="step",
+        scheduled = [g for g in self.groups if g.scheduled]
+        stage_steps = total * self.stage_epochs(self.stage)
+        prefix = "" if len(self.task.stages) == 1 else f"{self.stage.name} "
+        bar = tqdm(total=total, desc=f"{prefix}epoch {epoch + 1}/{self.stage_epochs(self.stage)}", unit="step",
                    disable=not (self.env.is_main and self.cfg.train.progress), dynamic_ncols=True)
         loss_sum = rows = 0.0
         start = time.perf_counter()
-        for step, (loss, _logits, _labels, weights) in enumerate(self._steps(it)):
-            n = float(weights.sum())
-            loss_sum += float(loss) * n
+        for g in scheduled:
+            g.set_step(state.step, stage_steps)
+        for step, out in enumerate(self._steps(it)):
+            state.step += 1
+            for g in scheduled:  # the rate of the next step (the pipeline runs one batch ahead in input only)
+                g.set_step(state.step, stage_steps)
+            loss = float(out["loss"])
+            n = float(out["weights"].sum())
+            loss_sum += loss * n
             rows += n
             if step % 10 == 0:
-                state.step_losses.append([epoch * total + step, float(loss)])
+                state.step_losses.append([epoch * total + step, loss])
             elapsed = time.perf_counter() - start
             bar.update()
-            bar.set_postfix(loss=f"{float(loss):.4f}",
-                            samples_s=f"{rows * self.env.world_size / max(elapsed, 1e-9):,.0f}")
+            bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{rows * self.env.world_size / max(elapsed, 1e-9):,.0f}")
         bar.close()
         elapsed = time.perf_counter() - start
         if not math.isfinite(loss_sum):
-            raise FloatingPointError(f"epoch {epoch + 1}: the training loss is not finite; lower the learning rates")
+            raise FloatingPointError(f"{prefix}epoch {epoch + 1}: the training loss is not finite; lower the "
+                                     "learning rates")
         return loss_sum / max(rows, 1.0), rows * self.env.world_size / elapsed
 
     @torch.no_grad()
-    def evaluate(self, split: str) -> dict[str, float]:
+    def evaluate(self, split: str, stage: Stage | None = None) -> dict[str, float]:
+        """The metrics of ``stage`` (default: the current one) on ``split``, over every rank's rows."""
         self.model.eval()
         batches = ParquetBatches(self.cfg.data.path, split, self.schema, self.eval_per_rank, self.env.rank,
-                                 self.env.world_size)
-        logits, labels, weights = [], [], []
-        for _, lg, lb, w in self._steps(iter(batches)):
-            logits.append(lg)
-            labels.append(lb)
-            weights.append(w)
-        return evaluate_predictions(torch.cat(logits).float().cpu(), torch.cat(labels).cpu(),
-                                    torch.cat(weights).cpu())
+                                 self.env.world_size, extra_columns=self.task.extra_columns,
+                                 side_files=self.task.side_files(split))
+        evaluator = self.task.evaluator(stage or self.stage)
+        for out in self._steps(iter(batches)):
+            evaluator.update(out)
+        return evaluator.compute()
 
     def _save(self, name: str, state: RunState) -> None:
-        self.ckpt.save(name, self.model, self.optimizer, vars(state))
+        self.checkpointers[self.stage.name].save(name, self.model, self.optimizer, vars(state))
 
-    def _restore(self, name: str, with_optimizer: bool = True) -> RunState:
+    def _restore(self, name: str, with_optimizer: bool = True, stage: Stage | None = None) -> RunState:
         if with_optimizer:
-            self.dense_optimizer.init_state()  # Adam's state is created lazily; DCP loads in place
-        meta = self.ckpt.load(name, self.model, self.optimizer if with_optimizer else None)
-        return RunState(**meta)
+            for g in self.groups:
+                g.optimizer.init_state()  # Adam's state is created lazily; DCP loads in place
+        ckpt = self.checkpointers[(stage or self.stage).name]
+        meta = ckpt.load(name, self.model, self.optimizer if with_optimizer else None)
+        return RunState.from_meta(meta)
+
+    def _enter(self, stage: Stage) -> None:
+        """Make ``stage`` the current one: the task's forward, a fresh optimizer and pipeline for it."""
+        if stage is self.stage:
+            return
+        if self.pipeline is not None:
+            self.pipeline.detach()  # give the modules their own forwards back before the next stage traces them
+            self.pipeline = None
+        self.stage = stage
+        self.task.set_stage(stage)
+        self._build_optimizer()
+        if self.cfg.train.pipeline:
+            self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.env.device)
 
     # ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -212,61 +331,103 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             (self.run_dir / "plan.txt").write_text(self.plan_text + "\n")
             print(f"sharding plan ({env.world_size} rank(s), {env.device.type}):\n{self.plan_text}", flush=True)
-        state = RunState()
-        if cfg.train.resume and self.ckpt.exists("last"):
-            state = self._restore("last")
-            self._log(f"resumed from {self.ckpt.path('last')} after epoch {state.epoch + 1}")
-        samples_per_s = []
-        while state.epoch + 1 < cfg.train.epochs and not state.stopped_early:
-            epoch = state.epoch + 1
-            train_loss, sps = self.train_epoch(epoch, state)
-            samples_per_s.append(sps)
-            valid = self.evaluate("valid")
-            state.epoch = epoch
-            state.history.append({"epoch": epoch, "train_loss": train_loss, "valid_auc": valid["auc"],
-                                  "valid_logloss": valid["logloss"], "train_samples_per_s": sps})
-            improved = valid["auc"] > state.best_auc
-            if improved:
-                state.best_auc, state.best_epoch, state.bad_epochs = valid["auc"], epoch, 0
-            else:
-                state.bad_epochs += 1
-                state.stopped_early = state.bad_epochs >= cfg.train.patience
-            self._log(f"epoch {epoch + 1}: train loss {train_loss:.4f}, valid AUC {valid['auc']:.4f}, "
-                      f"logloss {valid['logloss']:.4f}, {sps:,.0f} samples/s"
-                      + (" (best)" if improved else f" (no gain for {state.bad_epochs})"))
-            if improved:
-                self._save("best", state)
-            self._save("last", state)
-            self._write_progress(state)
-        if state.stopped_early:
-            self._log(f"early stop: no better validation AUC for {cfg.train.patience} epoch(s)")
-        best_state = self._restore("best", with_optimizer=False)
-        valid, test = self.evaluate("valid"), self.evaluate("test")
+        stages = self.task.stages
+        samples_per_s: list[float] = []
+        for i, stage in enumerate(stages):
+            final = i == len(stages) - 1
+            if not final and (self.stage_dir(stage) / "stage.json").is_file():
+                self._log(f"stage {stage.name}: finished in an earlier run")
+                continue
+            self._enter(stage)
+            samples_per_s = self._fit_stage(stage, previous=stages[i - 1] if i else None)
+            if not final and env.is_main:
+                write_text_atomic(self.stage_dir(stage) / "stage.json",
+                                  json.dumps({"stage": stage.name, "finished": True}) + "\n")
+        final_stage = stages[-1]
+        best_state = self._restore("best", with_optimizer=False, stage=final_stage)
+        valid, test = self.evaluate("valid", final_stage), self.evaluate("test", final_stage)
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        state = RunState.from_meta(self.checkpointers[final_stage.name].meta("last"))
         result = {
-            "name": cfg.name, "backbone": cfg.model.backbone, "dataset": self.schema.name,
+            "name": cfg.name, **cfg.describe(), "dataset": self.schema.name,
             "fingerprint": self.schema.fingerprint, "seed": cfg.train.seed, "world_size": env.world_size,
             "best_epoch": best_state.best_epoch + 1, "epochs_run": state.epoch + 1,
-            "valid_auc": valid["auc"], "valid_logloss": valid["logloss"],
-            "test_auc": test["auc"], "test_logloss": test["logloss"], "test_rows": test["rows"],
+            **{f"valid_{k}": v for k, v in valid.items() if k != "rows"},
+            **{f"test_{k}": v for k, v in test.items()},
             "train_samples_per_s": float(np.mean(samples_per_s)) if samples_per_s else None,
             "peak_rss_mb_rank0": peak_mb,
         }
         if env.is_main:
             (self.run_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-            self._write_progress(state)
         return result
 
-    def _write_progress(self, state: RunState) -> None:
-        if not self.env.is_main:
+    def _fit_stage(self, stage: Stage, previous: Stage | None) -> list[float]:
+        """Train ``stage`` to its end (or early stop); returns the samples/s of the epochs run now."""
+        cfg = self.cfg
+        ckpt = self.checkpointers[stage.name]
+        state = RunState(best_value=stage.worst)
+        if ckpt.exists("last"):
+            state = self._restore("last")
+            self._log(f"resumed from {ckpt.path('last')} after epoch {state.epoch + 1}"
+                      + ("" if len(self.task.stages) == 1 else f" of stage {stage.name}"))
+        elif previous is not None:
+            self._restore("best", with_optimizer=False, stage=previous)
+            self._log(f"stage {stage.name} starts from stage {previous.name}'s best checkpoint")
+        epochs = self.stage_epochs(stage)
+        samples_per_s = []
+        while state.epoch + 1 < epochs and not state.stopped_early:
+            epoch = state.epoch + 1
+            train_loss, sps = self.train_epoch(epoch, state)
+            samples_per_s.append(sps)
+            valid = self.evaluate("valid")
+            value = valid[stage.monitor]
+            state.epoch = epoch
+            state.history.append({"epoch": epoch, "train_loss": train_loss,
+                                  **{f"valid_{k}": v for k, v in valid.items() if k != "rows"},
+                                  "train_samples_per_s": sps})
+            improved = stage.better(value, state.best_value)
+            if improved:
+                state.best_value, state.best_epoch, state.bad_epochs = value, epoch, 0
+            else:
+                state.bad_epochs += 1
+                state.stopped_early = state.bad_epochs >= cfg.train.patience
+            prefix = "" if len(self.task.stages) == 1 else f"{stage.name} "
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in valid.items() if k != "rows" and k != stage.monitor)
+            self._log(f"{prefix}epoch {epoch + 1}: train loss {train_loss:.4f}, valid {stage.monitor} {value:.4f}"
+                      + (f", {shown}" if shown else "") + f", {sps:,.0f} samples/s"
+                      + (" (best)" if improved else f" (no gain for {state.bad_epochs})"))
+            if improved:
+                self._save("best", state)
+            self._save("last", state)
+            self._write_progress(stage, state)
+        if not ckpt.exists("best"):
+            raise RuntimeError(f"stage {stage.name}: no epoch gave a validation {stage.monitor} "
+                               f"({state.history[-1].get('valid_' + stage.monitor) if state.history else 'none'})")
+        if state.stopped_early:
+            self._log(f"{stage.name}: early stop, no better validation {stage.monitor} for {cfg.train.patience} "
+                      "epoch(s)")
+        self._write_progress(stage, state)
+        return samples_per_s
+
+    def _write_progress(self, stage: Stage, state: RunState) -> None:
+        if not self.env.is_main or not state.history:
             return
-        with open(self.run_dir / "metrics.csv", "w", newline="") as f:
+        folder = self.stage_dir(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "metrics.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(state.history[0]))
             w.writeheader()
             w.writerows(state.history)
-        (self.run_dir / "metrics.json").write_text(json.dumps(vars(state), indent=1) + "\n")
-        plot_curves(state.history, [tuple(x) for x in state.step_losses], self.run_dir / "curves.png",
-                    f"{self.cfg.name} ({self.cfg.model.backbone}, {self.schema.name})")
+        (folder / "metrics.json").write_text(json.dumps(vars(state), indent=1) + "\n")
+        what = ", ".join(self.cfg.describe().values())
+        title = f"{self.cfg.name} ({what}, {self.schema.name})" + (
+            "" if len(self.task.stages) == 1 else f", stage {stage.name}")
+        plot_curves(state.history, [tuple(x) for x in state.step_losses], folder / "curves.png", title,
+                    monitor=stage.monitor)
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)
 
 
 def results_table(result: dict) -> str:
@@ -276,4 +437,3 @@ def results_table(result: dict) -> str:
            f"{'split':<6} {'AUC':>8} {'logloss':>9}"]
     out += [f"{s:<6} {a:>8.4f} {ll:>9.4f}" for s, a, ll in rows]
     return "\n".join(out)
-
