@@ -1,69 +1,157 @@
-"""Compare variants against the base model, per backbone, from the quality benchmark's records.
+"""Compare variants with a reference, paired by seed, per regime, from the benchmarks' records.
 
-    python -m benchmarks.compare --dataset ml-100k --variants llactr llactr_fre llactr_fie llactr_untuned
+    python -m benchmarks.compare --data ml-100k --variants llactr llactr_random
+    python -m benchmarks.compare --data ml-100k --variants llactr --reference llactr_random --out compare_x
+    python -m benchmarks.compare --data ml-1m_cold-item --record elec_ml-1m_cold-item \\
+        --variants elec_gain elec_student_score control_student_score
 
-Reads benchmarks/results/quality_<dataset>.json (base) and quality_<dataset>_<variant>.json, writes
-benchmarks/results/compare_<dataset>.md: mean ± std of test AUC and logloss, the difference to the base,
-and whether it is within noise (smaller than twice its standard error over seeds).
+A variant's runs come from ``quality_<data>_<variant>.json`` or, with ``--record``, from that record (the ELEC
+benchmark keeps all its variants in one). The reference is the base model (``quality_<data>.json``) or
+another variant (``--reference``: a control such as a random-vector table, or a student distilled without a
+language model). Runs are paired by seed (same seed, same data order, same initial weights for the parts
+both share); each cell is the mean difference variant − reference over the seeds, its 95% interval, and the
+verdict of a two-sided paired t-test at 5% (better / worse / within noise). Regimes: all, warm, cold user,
+cold item, long tail, and GAUC. Writes benchmarks/results/<out>.{md,json,png}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
+from pathlib import Path
 
-from benchmarks.common import RESULTS, mean_std
+from benchmarks.common import RESULTS, environment, mean_std, write_json
+from benchmarks.stats import Paired, paired
 
-
-def verdict(base: list[float], other: list[float]) -> tuple[float, str]:
-    (mb, sb), (mo, so) = mean_std(base), mean_std(other)
-    delta = mo - mb
-    se = math.sqrt(sb**2 / len(base) + so**2 / len(other))
-    if abs(delta) < 2 * se or se == 0 and delta == 0:
-        return delta, "within noise"
-    return delta, "better" if delta > 0 else "worse"
+METRICS = ["all", "warm", "cold_user", "cold_item", "long_tail", "gauc"]
 
 
-def main() -> int:
+def load_runs(data: str, name: str, record: str | None) -> dict:
+    """``{"seeds": [...], "backbones": {backbone: per-seed figures}}`` of the base or a variant."""
+    if name == "base" or record is None:
+        path = RESULTS / (f"quality_{data}.json" if name == "base" else f"quality_{data}_{name}.json")
+        if not path.is_file() and record is None:
+            raise FileNotFoundError(f"{path} not found: run `python -m benchmarks.quality` for it")
+        if path.is_file():
+            r = json.loads(path.read_text())
+            return {"seeds": r["seeds"], "backbones": r["backbones"], "command": r["command"]}
+    r = json.loads((RESULTS / f"{record}.json").read_text())
+    runs = {b: vs[name] for b, vs in r["runs"].items() if name in vs}
+    if not runs:
+        raise KeyError(f"{record}.json has no runs of {name!r}")
+    return {"seeds": r["seeds"], "backbones": runs, "command": r["command"]}
+
+
+def metric_values(figures: dict, metric: str) -> list[float | None]:
+    """Per-seed values of one metric: a regime's test AUC, or GAUC (``all`` is the overall test AUC)."""
+    if metric == "all":
+        return figures["test_auc"]
+    if metric == "gauc":
+        return figures.get("gauc", [])
+    return figures.get("regimes", {}).get(metric, {}).get("auc", [])
+
+
+def compare(reference: dict, variant: dict, backbone: str, metric: str) -> Paired | None:
+    seeds = [s for s in variant["seeds"] if s in reference["seeds"]]
+    ref = metric_values(reference["backbones"][backbone], metric)
+    var = metric_values(variant["backbones"][backbone], metric)
+    if not ref or not var:
+        return None
+    a = [ref[reference["seeds"].index(s)] for s in seeds]
+    b = [var[variant["seeds"].index(s)] for s in seeds]
+    if any(v is None for v in a + b):
+        return None  # a regime with no rows or one class has no AUC
+    return paired(a, b)
+
+
+def cell(r: Paired | None) -> str:
+    if r is None:
+        return "-"
+    return f"{r.mean:+.4f} [{r.low:+.4f}, {r.high:+.4f}] {r.verdict}"
+
+
+def plot(table: dict, path: Path, reference: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    backbones = list(table)
+    fig, axes = plt.subplots(1, len(backbones), figsize=(6 * len(backbones), 3.8), squeeze=False)
+    for ax, b in zip(axes[0], backbones, strict=True):
+        variants = list(table[b])
+        width = 0.8 / max(1, len(variants))
+        for j, v in enumerate(variants):
+            xs, ys, lo, hi = [], [], [], []
+            for i, m in enumerate(METRICS):
+                r = table[b][v].get(m)
+                if r is None:
+                    continue
+                xs.append(i + (j - (len(variants) - 1) / 2) * width)
+                ys.append(r["mean"])
+                lo.append(r["mean"] - r["low"])
+                hi.append(r["high"] - r["mean"])
+            ax.bar(xs, ys, width=width, yerr=[lo, hi], capsize=2, label=v)
+        ax.axhline(0, color="#555555", lw=0.8)
+        ax.set_xticks(range(len(METRICS)), [m.replace("_", " ") for m in METRICS], fontsize=8)
+        ax.set(title=f"{b}: AUC − {reference} (mean, 95% interval)", ylabel="Δ AUC")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True)
+    p.add_argument("--data", required=True, help="the prepared data's name, e.g. ml-100k, ml-1m_cold-item")
     p.add_argument("--variants", nargs="+", required=True)
-    p.add_argument("--out", default=None, help="output name (default compare_<dataset>.md)")
-    args = p.parse_args()
-    base = json.loads((RESULTS / f"quality_{args.dataset}.json").read_text())
-    lines = [f"# Variants against the base model on {args.dataset}", "",
-             "Test AUC, mean ± std over seeds " + str(base["seeds"]) + "; Δ is the variant minus the base; "
-             "'within noise' means |Δ| < 2 standard errors.", "",
-             "| backbone | variant | test AUC | Δ AUC | verdict | test logloss | Δ logloss |", "|---|---|---|---|---|---|---|"]
-    commands = {"base": base["command"]}
-    for backbone, b in base["backbones"].items():
-        m, s = mean_std(b["test_auc"])
-        ml, sl = mean_std(b["test_logloss"])
-        lines.append(f"| {backbone} | base | {m:.4f} ± {s:.4f} | | | {ml:.4f} ± {sl:.4f} | |")
-        for variant in args.variants:
-            path = RESULTS / f"quality_{args.dataset}_{variant}.json"
-            if not path.is_file():
+    p.add_argument("--reference", default="base", help="what the variants are compared with (default: base)")
+    p.add_argument("--record", default=None, help="read variants (and a non-base reference) from this record")
+    p.add_argument("--backbones", nargs="*", default=None, help="default: every backbone both have")
+    p.add_argument("--out", default=None, help="output name (default compare_<data>[_vs_<reference>])")
+    args = p.parse_args(argv)
+    reference = load_runs(args.data, args.reference, args.record)
+    variants = {v: load_runs(args.data, v, args.record) for v in args.variants}
+    backbones = args.backbones or [b for b in reference["backbones"]
+                                   if any(b in v["backbones"] for v in variants.values())]
+    table: dict[str, dict[str, dict]] = {}
+    for b in backbones:
+        table[b] = {}
+        for name, v in variants.items():
+            if b not in v["backbones"]:
                 continue
-            record = json.loads(path.read_text())
-            v = record["backbones"].get(backbone)
-            if v is None:
-                continue
-            commands[variant] = record["command"]
-            delta, word = verdict(b["test_auc"], v["test_auc"])
-            dl, _ = verdict(b["test_logloss"], v["test_logloss"])
-            m, s = mean_std(v["test_auc"])
-            ml, sl = mean_std(v["test_logloss"])
-            lines.append(f"| {backbone} | {variant} | {m:.4f} ± {s:.4f} | {delta:+.4f} | {word} | "
-                         f"{ml:.4f} ± {sl:.4f} | {dl:+.4f} |")
-    lines += ["", "Each variant's record (`quality_<dataset>_<variant>.md`) has its environment and per-seed values. "
-              "The commands:", ""]
-    lines += [f"- {k}: `{c}`" for k, c in commands.items()]
-    out = RESULTS / (args.out or f"compare_{args.dataset}.md")
-    out.write_text("\n".join(lines) + "\n")
+            table[b][name] = {m: (r.__dict__ | {"verdict": r.verdict} if (r := compare(reference, v, b, m)) else None)
+                              for m in METRICS}
+    out = args.out or f"compare_{args.data}" + ("" if args.reference == "base" else f"_vs_{args.reference}")
+    seeds = sorted(set(reference["seeds"]).intersection(*(v["seeds"] for v in variants.values())))
+    write_json(RESULTS / f"{out}.json", {"data": args.data, "reference": args.reference, "seeds": seeds,
+                                         "command": "python -m benchmarks.compare " + " ".join(sys.argv[1:]),
+                                         "environment": environment(), "table": table})
+    lines = [f"# Variants against {args.reference} on {args.data}, paired by seed", "",
+             f"Seeds {seeds}. Each cell: mean test-AUC difference variant − {args.reference} over the seeds, its 95% "
+             "interval, and the verdict of a two-sided paired t-test at 5%. Regimes as in the quality records "
+             "(warm: user and item have training rows; cold: none; long tail: the item has 1-5); GAUC: per-user "
+             "AUC weighted by rows. '-': the regime has no rows or one class.", ""]
+    for b, vs in table.items():
+        lines += [f"## {b}", "", f"{args.reference}: test AUC {fmt_mean(reference, b)}", "",
+                  "| variant | " + " | ".join(m.replace("_", " ") for m in METRICS) + " |",
+                  "|---|" + "---|" * len(METRICS)]
+        for name, cells in vs.items():
+            lines.append(f"| {name} | " + " | ".join(cell(Paired(**{k: c[k] for k in Paired.__dataclass_fields__}))
+                                                   if c else "-" for c in cells.values()) + " |")
+        lines.append("")
+    lines += ["Commands:", "", f"- {args.reference}: `{reference['command']}`"]
+    lines += [f"- {name}: `{v['command']}`" for name, v in variants.items()] + [""]
+    (RESULTS / f"{out}.md").write_text("\n".join(lines))
+    plot(table, RESULTS / f"{out}.png", args.reference)
     print("\n".join(lines))
     return 0
+
+
+def fmt_mean(record: dict, backbone: str) -> str:
+    m, s = mean_std(record["backbones"][backbone]["test_auc"])
+    return f"{m:.4f} ± {s:.4f}"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """ELEC quality: base, gain network and distilled students, mean ± std over seeds, on real data.
 
-    python -m benchmarks.elec --dataset ml-100k                      # DeepFM and DCNv2, seeds 1 2 3
+    python -m benchmarks.elec --dataset ml-100k                      # DeepFM and DCNv2, seeds 1-5
+    python -m benchmarks.elec --dataset ml-1m --split cold_item      # 10% of the items held out
     python -m benchmarks.elec --dataset ml-1m --adapt-budget-s 600
     python -m benchmarks.elec --dataset ml-100k --ablations          # injection point, projection init, untuned
                                                                      # LM, item vectors only, profile-only user
@@ -16,8 +17,10 @@ Steps, each skipped when its output exists (rerun to resume):
    ``elec_student_alone`` (no distillation: must equal the base exactly); ``control_student_score`` (score
    distillation from the base model of the same seed: what distillation does without any language model).
 
-The table goes to benchmarks/results/elec_<dataset>.{md,json,png}: test AUC and logloss, the gain over the
-base, and the share of the gain network's improvement that each student keeps.
+The table goes to benchmarks/results/elec_<data>.{md,json,png} (<data>: the dataset and its split, as in
+``benchmarks.quality``): test AUC and logloss, the gain over the base, the share of the gain network's
+improvement that each student keeps, and test AUC per regime; the record keeps every figure per seed, so
+``python -m benchmarks.compare --record elec_<data> ...`` pairs the variants with the base or a control.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import REPO, RESULTS, environment, fmt, mean_std, python, write_json
-from benchmarks.quality import run_name, run_one
+from benchmarks.quality import SEEDS, data_name, per_seed, prepare_data, regime_table, run_name, run_one
 
 TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_s{seed}"
 STUDENT = ["method.name=elec_student", TEACHER]
@@ -124,8 +127,10 @@ def step(cmd: list[str], done: Path, log: Path) -> None:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], required=True)
+    p.add_argument("--split", choices=["cold_item", "cold_user"], default=None,
+                   help="prepare with this split instead of the dataset's own")
     p.add_argument("--backbones", nargs="+", default=["deepfm", "dcnv2"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
     p.add_argument("--adapt-budget-s", type=int, default=300, help="time budget of the language-model adaptation")
     p.add_argument("--adapt-rows", type=int, default=20000)
     p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
@@ -138,7 +143,8 @@ def main() -> int:
                    help="train nothing: rewrite the report from the finished runs (variants with missing runs are left out)")
     p.add_argument("--ablation-backbones", nargs="+", default=["deepfm"], help="the backbones the ablations run on")
     args = p.parse_args()
-    ds = args.dataset
+    ds = data_name(args.dataset, args.split)
+    args.data = ds
     data, model = REPO / "runs" / "data" / ds, REPO / "runs" / "models" / f"{ds}-elec"
     tables, untuned = REPO / "runs" / "features" / f"{ds}-elec", REPO / "runs" / "features" / f"{ds}-untuned"
     profile_model, profile = REPO / "runs" / "models" / f"{ds}-elec-profile", REPO / "runs" / "features" / f"{ds}-elec-profile"
@@ -149,8 +155,7 @@ def main() -> int:
         if unknown:
             p.error(f"unknown ablations {sorted(unknown)}; choose from {sorted(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in args.ablations}
-    step([python(), "-m", "recsys.prepare", "--dataset", ds, "--out", str(data), "--no-progress"],
-         data / "schema.json", logs / f"prepare_{ds}.log")
+    prepare_data(args.dataset, args.split)
     step([python(), "-m", "embedding_jobs.ctr_adapt", "--dataset", str(data), "--out", str(model),
           "--time-budget-s", str(args.adapt_budget_s), "--rows", str(args.adapt_rows), "--no-progress"],
          model / "report.json", logs / f"adapt_{ds}.log")
@@ -181,7 +186,7 @@ def main() -> int:
         for variant, overrides in {**todo, **(extra if backbone in args.ablation_backbones else {})}.items():
             if variant in args.skip or args.report_only and not all(_done(ds, backbone, s, variant) for s in args.seeds):
                 continue
-            runs = [run_one(ds, backbone, s, overrides, variant) for s in args.seeds]
+            runs = [run_one(args.dataset, ds, backbone, s, overrides, variant) for s in args.seeds]
             results[backbone][variant] = runs
             print(f"{backbone:<7} {variant:<20} test AUC {fmt([r['test_auc'] for r in runs])}", flush=True)
     report(args, results, model)
@@ -190,17 +195,17 @@ def main() -> int:
 
 def report(args: argparse.Namespace, results: dict, model: Path) -> None:
     adapt = json.loads((model / "report.json").read_text())
-    summary = {"dataset": args.dataset, "seeds": args.seeds, "command": "python -m benchmarks.elec "  # the command that trains these runs
+    summary = {"dataset": args.dataset, "data": args.data, "seeds": args.seeds,
+               "command": "python -m benchmarks.elec "  # the command that trains these runs
                + " ".join(a for a in sys.argv[1:] if a != "--report-only"), "config": f"benchmarks/configs/{args.dataset.replace('-', '')}.yaml",
                "adaptation": {k: adapt.get(k) for k in ("valid_auc_before", "valid_auc_head", "valid_auc_after",
                                                           "rows_used", "steps", "seconds", "kept", "options")},
                "environment": environment(), "runs": {
-                   b: {v: {k: [r[k] for r in runs] for k in ("test_auc", "test_logloss", "best_epoch")}
-                       for v, runs in vs.items()} for b, vs in results.items()}}
-    stem = RESULTS / f"elec_{args.dataset}"
+                   b: {v: per_seed(runs) for v, runs in vs.items()} for b, vs in results.items()}}
+    stem = RESULTS / f"elec_{args.data}"
     write_json(stem.with_suffix(".json"), summary)
     a = summary["adaptation"]
-    lines = [f"# ELEC on {args.dataset}", "",
+    lines = [f"# ELEC on {args.data}", "",
              f"Command: `{summary['command']}` (config `{summary['config']}`), seeds {args.seeds}. Each row is "
              "mean ± std over the seeds; a student of seed s distils the gain network of seed s.", "",
              "Language-model adaptation (packaged MiniLM, two towers): validation AUC of the language model alone "
@@ -219,6 +224,7 @@ def report(args: argparse.Namespace, results: dict, model: Path) -> None:
             kept = f"{delta / gain:.0%}" if v.startswith("elec_student") and gain > 0 else ""
             lines.append(f"| {v} | {fmt(r['test_auc'])} | {fmt(r['test_logloss'])} | {delta:+.4f} | {kept} | "
                          f"{r['best_epoch']} |")
+        lines += [line.replace("| backbone |", "| variant |") for line in regime_table(vs)]
         alone = vs.get("elec_student_alone")
         if alone:
             same = alone["test_auc"] == vs["base"]["test_auc"]
@@ -258,7 +264,7 @@ def plot(summary: dict, path: Path) -> None:
         ax.axvline(means[0], color="#555555", lw=0.8, ls="--")
         ax.set_xlim(min(means) - 0.01, max(means) + 0.005)
         ax.invert_yaxis()
-        ax.set(title=f"{b} on {summary['dataset']} (test AUC, {len(summary['seeds'])} seeds)")
+        ax.set(title=f"{b} on {summary['data']} (test AUC, {len(summary['seeds'])} seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

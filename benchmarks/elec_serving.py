@@ -87,7 +87,7 @@ def main() -> int:
                     "dataset": args.dataset, "backbone": args.backbone, "seed": args.seed,
                     "runs": {k: str(v.relative_to(REPO)) for k, v in run.items()}, "latency_s": {}}
     for rows in (1, 4096):
-        batch = next(iter(ParquetBatches(data, "test", schema, rows)))
+        batch = next(iter(ParquetBatches(data, "test", schema, rows, extra_columns=gain.extra_columns)))
         ids = batch.sparse_features.to_dict()
         pairs = list(zip(ids[templates.user_key_field].values().tolist(),
                          ids[templates.item_key_field].values().tolist(), strict=True))

@@ -73,7 +73,9 @@ def main() -> int:
             "variant": load_config(config, [*common, "name=variant", *args.overrides])}
     trainers = {k: build_trainer(c) for k, c in cfgs.items()}
     per_rank = cfgs["base"].data.batch_size
-    loader = ParquetBatches(data, "train", schema, per_rank, shuffle=True, seed=1)
+    extras = tuple(dict.fromkeys(c for t in trainers.values() for c in t.task.extra_columns))
+    loader = ParquetBatches(data, "train", schema, per_rank, shuffle=True, seed=1, extra_columns=extras,
+                            lookup=trainers["base"].lookup)
     train_s = {"base": [], "variant": []}
     for r in range(args.rounds):
         loader.set_epoch(r)
@@ -87,7 +89,8 @@ def main() -> int:
     for task in tasks.values():
         task.eval()
     for rows in (1, 4096):
-        one = next(iter(ParquetBatches(data, "test", schema, rows)))
+        one = next(iter(ParquetBatches(data, "test", schema, rows, extra_columns=extras,
+                                       lookup=trainers["base"].lookup)))
         with torch.no_grad():
             latency[rows] = interleaved_medians({k: lambda t=t, b=one: t.score(b) for k, t in tasks.items()},
                                                 args.latency_rounds if rows == 1 else args.latency_rounds // 10)

@@ -13,8 +13,10 @@ ids. Key spaces (see ``recsys.features.table``):
   catalogue data (the same in every row of the item, no label in them), so they are read from all splits:
   items first seen in validation or test still get their title.
 - ``user``: key = the ``user_id`` id; text = the profile fields plus the most recent interactions
-  (item and rating), read from ``train.parquet`` only, so nothing from validation or test leaks into a
-  representation. Users with no training row get only their id sentence.
+  (item and rating). The profile (gender, age, occupation, ...) is catalogue data with no label in it, read
+  from any split like an item's attributes, so a cold user (no training row) still has one. The behaviour
+  part is read from ``train.parquet`` only, so nothing from validation or test leaks into a representation.
+  A user in no split gets only its id sentence.
 
 The ``user`` and ``item`` texts are also what ELEC's adaptation (``embedding_jobs.ctr_adapt``) trains on: a
 training row is read as its user's text and its item's text, so a table embedded with the adapted model
@@ -40,7 +42,7 @@ from recsys.data.schema import FIRST_ID, Entity, FieldKind, PreparedField
 from recsys.data.sources import DataError
 from recsys.features.table import FIELD_TABLE, FeatureEntity
 
-TEMPLATE_VERSION = 2  # 2: history_outcomes (user texts without ratings)
+TEMPLATE_VERSION = 3  # 2: history_outcomes (user texts without ratings); 3: every user's profile, from any split
 
 FIELD_TEMPLATE = "{name}: {description}."
 # The field is named by its description, not its column name: "the movie's genres" tells the model what
@@ -193,9 +195,11 @@ def user_texts(data: PreparedData, options: TemplateOptions) -> TextTable:
                         f"field, it is a {item_field.entity} {item_field.kind} field")
     timed = data.has_column("train", "timestamp")
     outcome = "rating" if data.has_column("train", "rating") else data.schema.label
-    columns = list(dict.fromkeys([*(f.name for f in profile), item_field.name, outcome]
-                                 + (["timestamp"] if timed else [])))
+    columns = list(dict.fromkeys([key.name, item_field.name, outcome] + (["timestamp"] if timed else [])))
     train = data.read_split("train", columns)  # ONLY the training split: nothing else may leak in
+    # the profile is catalogue data (no label in it): a user's first row in any split has it
+    profiles = _first_row_per_key(pa.concat_tables([data.read_split(s, list(dict.fromkeys(
+        [key.name, *(f.name for f in profile)]))) for s in SPLITS]), key.name)
     users = train.column(key.name).to_numpy()
     row_no = np.arange(len(users))
     order = (np.lexsort((row_no, train.column("timestamp").to_numpy(), users)) if timed
@@ -208,11 +212,9 @@ def user_texts(data: PreparedData, options: TemplateOptions) -> TextTable:
     header = ((HISTORY_HEADER_TIMED if timed else HISTORY_HEADER_UNTIMED) if options.history_outcomes else
               (HISTORY_HEADER_TIMED_PLAIN if timed else HISTORY_HEADER_UNTIMED_PLAIN))
 
-    by_user: dict[int, str] = {}
+    history: dict[int, list[str]] = {}
     for start, end in zip(starts, ends, strict=True):
         rows = order[start:end]
-        profile_row = {f.name: train.column(f.name)[int(rows[0])].as_py() for f in profile}
-        sentences = _sentences(data, profile, profile_row)
         recent = rows[len(rows) - options.history_length:]
         recent = recent[::-1] if timed else recent
         items = []
@@ -227,12 +229,17 @@ def user_texts(data: PreparedData, options: TemplateOptions) -> TextTable:
             else:
                 items.append(HISTORY_ITEM_CLICKED.format(item=name, outcome=CLICK_OUTCOMES[int(outcomes[r] > 0.5)]))
         if items:
-            sentences.append(HISTORY_TEMPLATE.format(header=header, items=HISTORY_SEPARATOR.join(items)))
-        by_user[int(sorted_users[start])] = SENTENCE_SEPARATOR.join(sentences)
+            history[int(sorted_users[start])] = [HISTORY_TEMPLATE.format(header=header,
+                                                                         items=HISTORY_SEPARATOR.join(items))]
 
     keys = np.arange(FIRST_ID, key.vocab_size, dtype=np.int64)
     id_text = data.vocab_text(key)
-    texts = [by_user.get(int(k)) or feature_sentence(key, id_text[k]) for k in keys]
+    texts = []
+    for k in keys:
+        row = profiles.get(int(k))
+        sentences = _sentences(data, profile, row) if row is not None else []
+        sentences += history.get(int(k), [])
+        texts.append(SENTENCE_SEPARATOR.join(sentences) or feature_sentence(key, id_text[k]))
     return TextTable(FeatureEntity.USER, key.table, key.vocab_size, keys, texts)
 
 

@@ -83,6 +83,11 @@ def run_name(args: argparse.Namespace) -> str:
     return f"{args.dataset.replace('-', '')}_{args.backbone}"
 
 
+def _auc(regimes: dict, name: str) -> str:
+    r = regimes.get(name)
+    return "-" if r is None or r["auc"] is None else f"{r['auc']:.4f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,11 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dryrun:
         runs = Path(args.root) / "runs"
         prefix = run_name(args) + "_"
-        print(f"\n{'model':<22} {'valid AUC':>9} {'valid logloss':>13} {'test AUC':>9} {'test logloss':>12}")
+        print(f"\n{'model':<22} {'valid AUC':>9} {'test AUC':>9} {'logloss':>8} {'warm AUC':>9} "
+              f"{'cold-user AUC':>13}")
         for run in trained_runs(args):
             r = json.loads((runs / run / "test_metrics.json").read_text())
-            print(f"{args.backbone + ' ' + run.removeprefix(prefix):<22} {r['valid_auc']:>9.4f} "
-                  f"{r['valid_logloss']:>13.4f} {r['test_auc']:>9.4f} {r['test_logloss']:>12.4f}")
+            regimes = r.get("test_regimes", {})
+            print(f"{args.backbone + ' ' + run.removeprefix(prefix):<22} {r['valid_auc']:>9.4f} {r['test_auc']:>9.4f} "
+                  f"{r['test_logloss']:>8.4f} {_auc(regimes, 'warm'):>9} {_auc(regimes, 'cold_user'):>13}")
+        if regimes:
+            print(f"(test rows: {regimes['warm']['rows']:,} warm, {regimes['cold_user']['rows']:,} of cold users, "
+                  f"of {regimes['all']['rows']:,}; per-regime tables in each run's log and test_metrics.json)")
         served = json.loads((Path(args.root) / "export" / trained_runs(args)[-1] / "test_metrics.json").read_text())
         print(f"the exported student alone (recsys only, no language model): test AUC {served['auc']:.4f}, "
               f"logloss {served['logloss']:.4f}")

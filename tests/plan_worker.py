@@ -38,7 +38,9 @@ from recsys.train.task import Task
 
 
 def reference_batches(data: str, schema: PreparedSchema, batch_size: int, count: int) -> list:
-    batches = ParquetBatches(data, "train", schema, batch_size, rank=0, world_size=1)
+    # ELEC's tasks read their vectors' keys from Batch.extras
+    batches = ParquetBatches(data, "train", schema, batch_size, rank=0, world_size=1,
+                             extra_columns=("user_id", "item_id"))
     return [b for _, b in zip(range(count), batches, strict=False)]
 
 

@@ -43,7 +43,7 @@ class StagedTask(Task):
         loss = (per_row * w).sum() / w.sum().clamp(min=1)
         return loss, {"loss": loss.detach(), "weights": w, "loss_sum": (per_row * w).sum().detach(), "rows": w.sum()}
 
-    def evaluator(self, stage: Stage) -> Evaluator:
+    def evaluator(self, stage: Stage, split_file=None) -> Evaluator:
         if stage.kind == "pretrain":
             return RatioEvaluator({"mse": ("loss_sum", "rows")})
-        return super().evaluator(stage)
+        return super().evaluator(stage, split_file)

@@ -158,7 +158,7 @@ def test_joint_distillation_never_pushes_gradients_into_the_teacher(ml100k_table
     torch.manual_seed(0)
     task = build_task(schema, cfg, device=torch.device("cpu"))
     assert isinstance(task.rep_projection, torch.nn.Linear)  # DCNv2's representation grows with the fields
-    batch = next(iter(ParquetBatches(data, "train", schema, 256)))
+    batch = next(iter(ParquetBatches(data, "train", schema, 256, extra_columns=task.extra_columns)))
     loss, _ = task(batch)
     with_distillation = torch.autograd.grad(loss, list(task.teacher.parameters()), allow_unused=True)
     own = weighted_bce(task.teacher.output(batch).logit, batch)

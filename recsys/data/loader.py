@@ -31,7 +31,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
 from recsys.data.lists import Lists
-from recsys.data.schema import PAD_ID, FieldKind, PreparedField, PreparedSchema
+from recsys.data.schema import PAD_ID, UNK_ID, FieldKind, PreparedField, PreparedSchema
 
 
 @dataclass
@@ -72,13 +72,42 @@ class Chunk:
                      extras)
 
 
+def embedding_lookup(folder: str | Path, schema: PreparedSchema, min_count: int) -> dict[str, np.ndarray]:
+    """Per embedding table, the row each id reads: its own, or the unknown id's when it occurs fewer than
+    ``min_count`` times in the training rows.
+
+    An id with no training row would otherwise read a row that no gradient ever reached (its random initial
+    value): cold users and items, values seen only in validation or test, every id a subsampled training
+    split lost. They share the unknown id's row instead, and with ``min_count`` >= 2 that row is trained, on
+    the ids that occur only once. The model inputs (and the ids language-model tables are keyed by) stay as
+    they are; only the embedding lookup changes, and an export bakes the same mapping into its tables.
+    """
+    out: dict[str, np.ndarray] = {}
+    if min_count < 1:
+        raise ValueError(f"data.min_count={min_count}: must be >= 1 (1: only ids with no training row share <unk>)")
+    for f in schema.sparse_fields:
+        if f.table in out:
+            continue
+        vocab = pq.read_table(Path(folder) / f"vocab/{f.table}.parquet")
+        if "train_rows" not in vocab.column_names:
+            raise ValueError(f"{folder}: vocabulary {f.table} has no train_rows: the dataset was prepared by an "
+                             "older version; prepare it again (python -m recsys.prepare)")
+        counts = vocab.column("train_rows").to_numpy()
+        lookup = np.arange(len(counts), dtype=np.int64)
+        lookup[counts < min_count] = UNK_ID
+        lookup[PAD_ID] = PAD_ID
+        out[f.table] = lookup
+    return out
+
+
 class ParquetBatches:
     """One rank's batches of one split of a prepared dataset.
 
     ``extra_columns`` are read from the split file into ``Batch.extras``; each ``side_files`` entry is a
     Parquet file aligned with the split row for row and row group for row group (a per-row cache a job wrote
     from the split, such as token ids), all of whose columns go into ``Batch.extras``. Extra columns are
-    numbers or fixed-size lists of numbers.
+    numbers or fixed-size lists of numbers. ``lookup`` (see :func:`embedding_lookup`) maps each table's ids
+    to the rows the embeddings read; extra columns keep the stored ids.
     """
 
     def __init__(
@@ -94,6 +123,7 @@ class ParquetBatches:
         window_row_groups: int = 8,
         extra_columns: tuple[str, ...] = (),
         side_files: tuple[str | Path, ...] = (),
+        lookup: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.path = Path(folder) / f"{split}.parquet"
         if not self.path.is_file():
@@ -114,6 +144,7 @@ class ParquetBatches:
         if absent:
             raise ValueError(f"{self.path} has no column(s) {absent}; its columns: {self._file.schema_arrow.names}")
         self.extra_columns = list(extra_columns)
+        self.lookup = lookup
         self._sides = [_aligned(Path(p), self._file, self.path) for p in side_files]
         n = self._file.metadata.num_rows
         self.num_rows = n
@@ -140,7 +171,7 @@ class ParquetBatches:
         return out
 
     def _chunk(self, split: pa.Table, sides: list[pa.Table]) -> Chunk:
-        chunk = table_chunk(split, self.sparse_fields, self.dense_names, self.extra_columns)
+        chunk = table_chunk(split, self.sparse_fields, self.dense_names, self.extra_columns, self.lookup)
         for (path, _), t in zip(self._sides, sides, strict=True):
             chunk.extras.update({name: _numpy(t.column(name), f"{path} column {name}") for name in t.column_names})
         return chunk
@@ -216,12 +247,16 @@ def _aligned(path: Path, split: pq.ParquetFile, split_path: Path) -> tuple[Path,
 
 
 def table_chunk(t: pa.Table, sparse_fields: list[PreparedField], dense_names: list[str],
-                extra_columns: list[str] = ()) -> Chunk:
+                extra_columns: list[str] = (), lookup: dict[str, np.ndarray] | None = None) -> Chunk:
     """Rows of a prepared table (ids) as numpy columns; without a ``label`` column the labels are 0."""
     sparse = []
     for f in sparse_fields:
         col = t.column(f.name)
-        sparse.append(col.to_numpy().astype(np.int64) if f.kind is FieldKind.CATEGORICAL else Lists.from_arrow(col))
+        ids = col.to_numpy().astype(np.int64) if f.kind is FieldKind.CATEGORICAL else Lists.from_arrow(col)
+        if lookup is not None:
+            table = lookup[f.table]
+            ids = table[ids] if isinstance(ids, np.ndarray) else Lists(ids.offsets, table[ids.values.astype(np.int64)])
+        sparse.append(ids)
     dense = (np.stack([t.column(n).to_numpy().astype(np.float32) for n in dense_names], axis=1)
              if dense_names else np.zeros((t.num_rows, 0), dtype=np.float32))
     labels = (t.column("label").to_numpy().astype(np.float32) if "label" in t.column_names

@@ -3,8 +3,11 @@
 Output folder::
 
     train.parquet valid.parquet test.parquet   label, one column per field (ids), rating/timestamp kept for
-                                               the language-model side (never model inputs)
-    vocab/<field>.parquet                      id -> raw value (and readable text where the schema gives it)
+                                               the language-model side, and the regime columns (never model
+                                               inputs): the training rows of the row's user and of its item,
+                                               and the raw user as a number (for GAUC)
+    vocab/<field>.parquet                      id -> raw value (and readable text where the schema gives it),
+                                               and how often the id occurs in the training rows (train_rows)
     schema.json                                fields, vocabulary sizes, counts, split method, fingerprint
 
 Vocabularies: a field's values in the training split, plus every value of its side table (the catalogue of
@@ -31,7 +34,10 @@ from recsys.atomic import commit_dir, fresh_tmp
 from recsys.data.lists import Lists
 from recsys.data.schema import (
     FIRST_ID,
+    ITEM_TRAIN_ROWS,
     UNK_ID,
+    USER_KEY,
+    USER_TRAIN_ROWS,
     DatasetSchema,
     FieldKind,
     FieldSpec,
@@ -42,7 +48,7 @@ from recsys.data.sources import DataError, RawTables, line_of, read_source, to_n
 
 log = logging.getLogger(__name__)
 
-PREPARE_VERSION = 1
+PREPARE_VERSION = 2  # 2: regime columns, train_rows in the vocabularies, cold-entity splits, train_fraction
 SPLITS = ("train", "valid", "test")
 ROW_GROUP_SIZE = 65_536
 
@@ -123,25 +129,77 @@ def _labels(schema: DatasetSchema, raw: RawTables) -> tuple[np.ndarray, np.ndarr
     return label, values
 
 
-def _split(schema: DatasetSchema, keep: np.ndarray, timestamps: np.ndarray | None) -> tuple[str, list[np.ndarray]]:
-    method = schema.split.method
-    if method == "auto":
-        method = "time" if timestamps is not None else "random"
+def _ordered(method: str, rows: np.ndarray, timestamps: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    return rows[np.argsort(timestamps[rows], kind="stable")] if method == "time" else rows[rng.permutation(len(rows))]
+
+
+def _split(schema: DatasetSchema, keep: np.ndarray, timestamps: np.ndarray | None,
+           raw: RawTables) -> tuple[str, list[np.ndarray], np.ndarray]:
+    """The split's name, its (train, valid, test) rows, and the whole training split before any subsample."""
+    rule = schema.split
+    method = rule.method
+    base = "time" if timestamps is not None else "random"
     if method == "time" and timestamps is None:
         raise DataError(f"{schema.where}: split.method is 'time' but the source has no timestamps")
-    if method == "time":
-        order = keep[np.argsort(timestamps[keep], kind="stable")]
-    else:
-        order = keep[np.random.default_rng(schema.split.seed).permutation(len(keep))]
+    if method in ("time", "random"):
+        base = method
+    rng = np.random.default_rng(rule.seed)
+    held = np.zeros(0, dtype=np.int64)
+    if method in ("cold_item", "cold_user"):
+        column = "item_id" if method == "cold_item" else "user_id"
+        if column not in raw.interactions.columns:
+            raise DataError(f"{schema.where}: split.method {method!r} needs a {column} column in the interactions")
+        entity = raw.interactions[column].astype(str).to_numpy(dtype=object)[keep]
+        uniq = np.unique(entity)
+        chosen = np.random.default_rng([rule.seed, 1]).choice(
+            len(uniq), max(1, round(len(uniq) * rule.holdout_fraction)), replace=False)
+        is_held = np.isin(entity, uniq[chosen])
+        held, keep = keep[is_held], keep[~is_held]
+        held = held[np.random.default_rng([rule.seed, 2]).permutation(len(held))]
+    order = _ordered(base, keep, timestamps, rng)
     n = len(order)
-    n_train = int(n * schema.split.ratios[0])
-    n_valid = int(n * schema.split.ratios[1])
-    parts = [order[:n_train], order[n_train:n_train + n_valid], order[n_train + n_valid:]]
+    n_train = int(n * rule.ratios[0])
+    n_valid = int(n * rule.ratios[1])
+    half = len(held) // 2
+    parts = [order[:n_train], np.concatenate([order[n_train:n_train + n_valid], held[:half]]),
+             np.concatenate([order[n_train + n_valid:], held[half:]])]
     for name, part in zip(SPLITS, parts, strict=True):
         if len(part) == 0:
-            raise DataError(f"{schema.where}: the {name} split is empty ({n} labelled rows); "
+            raise DataError(f"{schema.where}: the {name} split is empty ({n + len(held)} labelled rows); "
                             "the dataset is too small for the split ratios")
-    return method, parts
+    full_train = parts[0]
+    if rule.train_fraction < 1:  # keeps the training rows' order (time order, where the split is by time)
+        take = np.random.default_rng([rule.seed, 3]).choice(
+            len(full_train), max(1, round(len(full_train) * rule.train_fraction)), replace=False)
+        parts[0] = full_train[np.sort(take)]
+    name = base if method == "auto" else method if method in ("time", "random") else f"{method} ({base})"
+    return name, parts, full_train
+
+
+def _regime_columns(raw: RawTables, train_rows: np.ndarray) -> dict[str, np.ndarray]:
+    """Per interaction: its user's and its item's number of training rows, and the raw user as a number."""
+    out = {}
+    for column, name in (("user_id", USER_TRAIN_ROWS), ("item_id", ITEM_TRAIN_ROWS)):
+        if column not in raw.interactions.columns:
+            continue
+        codes = pd.factorize(raw.interactions[column].astype(str).to_numpy(dtype=object))[0]
+        counts = np.bincount(codes[train_rows], minlength=codes.max(initial=0) + 1)
+        out[name] = counts[codes].astype(np.int32)
+        if column == "user_id":
+            out[USER_KEY] = codes.astype(np.int64)
+    return out
+
+
+def regime_summary(columns: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, int]:
+    """Rows of a split per regime (cold users, cold items, the long tail), for the preparation summary."""
+    out = {}
+    if USER_TRAIN_ROWS in columns:
+        out["cold_user"] = int((columns[USER_TRAIN_ROWS][rows] == 0).sum())
+    if ITEM_TRAIN_ROWS in columns:
+        item = columns[ITEM_TRAIN_ROWS][rows]
+        out["cold_item"] = int((item == 0).sum())
+        out["long_tail"] = int(((item >= 1) & (item <= 5)).sum())
+    return out
 
 
 def _entity_index(raw: RawTables, table: pd.DataFrame | None, key: str) -> np.ndarray:
@@ -235,7 +293,8 @@ def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress
     label, rating = _labels(schema, raw)
     keep = np.flatnonzero(~np.isnan(label))
     timestamps = to_number(raw.interactions, "timestamp", "a timestamp") if raw.has_timestamp else None
-    split_method, parts = _split(schema, keep, timestamps)
+    split_method, parts, full_train = _split(schema, keep, timestamps, raw)
+    regimes = _regime_columns(raw, parts[0])
     stages.update()
 
     stages.set_postfix_str("fields")
@@ -270,7 +329,7 @@ def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress
     stages.update()
 
     stages.set_postfix_str("vocabularies")
-    train_rows = parts[0]
+    train_rows = full_train  # a subsampled training split keeps every id: its unseen ones map to <unk> at load
     vocabs: dict[str, Vocabulary] = {}
     for f in fields:
         if f.kind is FieldKind.DENSE or f.share_vocab is not None:
@@ -286,8 +345,9 @@ def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress
     tmp = fresh_tmp(out)
     (tmp / "vocab").mkdir()
     stats: dict = {"rows_read": n_all, "rows_dropped_by_label_rule": int(n_all - len(keep)),
-                   "positive_rate": {}, "unknown_values": {}, "skipped_fields": skipped}
+                   "positive_rate": {}, "unknown_values": {}, "skipped_fields": skipped, "regime_rows": {}}
     counts = {}
+    train_counts: dict[str, np.ndarray] = {}  # per vocabulary: occurrences of each id in the training rows
     for name, rows in zip(SPLITS, parts, strict=True):
         columns: dict[str, pa.Array] = {"label": pa.array(label[rows].astype(np.float32))}
         unknown = {}
@@ -301,14 +361,19 @@ def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress
             if n_unk and name != "train":
                 unknown[f.name] = n_unk
             lists = Lists(lists.offsets, ids)
-            if f.kind is FieldKind.CATEGORICAL:
-                columns[f.name] = pa.array(ids)
-            else:
-                keep_end = "last" if f.kind is FieldKind.SEQUENCE else "first"
-                columns[f.name] = lists.capped(f.max_length, keep_end).to_arrow()
+            if f.kind is not FieldKind.CATEGORICAL:
+                lists = lists.capped(f.max_length, "last" if f.kind is FieldKind.SEQUENCE else "first")
+            columns[f.name] = pa.array(ids) if f.kind is FieldKind.CATEGORICAL else lists.to_arrow()
+            if name == "train":  # what each embedding row is trained on: the ids as the model sees them
+                owner = f.share_vocab or f.name
+                seen = np.bincount(lists.values, minlength=len(vocab))
+                train_counts[owner] = train_counts.get(owner, 0) + seen
         columns["rating"] = pa.array(rating[rows].astype(np.float32))
         if timestamps is not None:
             columns["timestamp"] = pa.array(timestamps[rows].astype(np.int64))
+        for column, values in regimes.items():
+            columns[column] = pa.array(values[rows])
+        stats["regime_rows"][name] = regime_summary(regimes, rows)
         pq.write_table(pa.table(columns), tmp / f"{name}.parquet", row_group_size=ROW_GROUP_SIZE,
                        compression="zstd")
         counts[name] = len(rows)
@@ -321,7 +386,7 @@ def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress
         owner = f.share_vocab or f.name
         is_dense = f.kind is FieldKind.DENSE
         if not is_dense and f.share_vocab is None:
-            _write_vocab(vocabs[f.name], f, tmp / f"vocab/{f.name}.parquet")
+            _write_vocab(vocabs[f.name], f, tmp / f"vocab/{f.name}.parquet", train_counts[f.name])
         max_length = (f.max_length or schema.history_length) if f.kind is FieldKind.SEQUENCE else f.max_length
         prepared_fields.append(PreparedField(
             name=f.name, kind=f.kind, entity=f.entity, description=f.description,
@@ -333,6 +398,8 @@ def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress
         source={"format": schema.source.format, "files": [p.name for p in raw.files],
                 "has_timestamp": raw.has_timestamp, "split_seed": schema.split.seed,
                 "split_ratios": list(schema.split.ratios), "label_rule": schema.to_dict()["label"],
+                "holdout_fraction": schema.split.holdout_fraction if schema.split.method.startswith("cold") else None,
+                "train_fraction": schema.split.train_fraction, "train_rows_before_subsample": len(full_train),
                 "history_length": schema.history_length if history_span is not None else None},
     )
     (tmp / "schema.json").write_text(prepared.to_json())
@@ -367,10 +434,11 @@ def _history_tokens(f: FieldSpec, cols: _Columns, tokens: dict[str, Lists], orde
     return sorted_tokens.take_ranges(span[0], span[1])
 
 
-def _write_vocab(vocab: Vocabulary, f: FieldSpec, path: Path) -> None:
+def _write_vocab(vocab: Vocabulary, f: FieldSpec, path: Path, train_rows: np.ndarray) -> None:
     ids = np.arange(len(vocab), dtype=np.int64)
     values = ["<pad>", "<unk>", *vocab.values]
-    columns = {"id": pa.array(ids), "value": pa.array(values, pa.string())}
+    columns = {"id": pa.array(ids), "value": pa.array(values, pa.string()),
+               "train_rows": pa.array(np.asarray(train_rows, dtype=np.int64))}
     if f.value_text:
         columns["text"] = pa.array([f.value_text.get(v, v) for v in values], pa.string())
     pq.write_table(pa.table(columns), path, compression="zstd")

@@ -72,11 +72,21 @@ class LabelRule:
     max_value: float | None = None
 
 
+SPLIT_METHODS = ("auto", "time", "random", "cold_item", "cold_user")
+
+
 @dataclass(frozen=True)
 class SplitRule:
-    method: str = "auto"  # auto: time if the source has timestamps, else random
+    # auto: time if the source has timestamps, else random. cold_item / cold_user: a seeded fraction
+    # (holdout_fraction) of the items / users is held out entirely, their rows split half and half into valid
+    # and test; every other row is split as auto would split it.
+    method: str = "auto"
     ratios: tuple[float, float, float] = (0.8, 0.1, 0.1)
     seed: int = 2024
+    holdout_fraction: float = 0.1
+    # A seeded subsample of the training rows (the sparse-data regime); valid and test keep their rows, and
+    # ids are the same as with the whole training split (the vocabulary is built from all of it).
+    train_fraction: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -226,8 +236,12 @@ def validate(schema: DatasetSchema) -> None:
     r = schema.split.ratios
     if len(r) != 3 or any(x <= 0 for x in r) or abs(sum(r) - 1.0) > 1e-6:
         raise SchemaError(f"{w}: split.ratios must be three positive numbers that sum to 1, got {list(r)}")
-    if schema.split.method not in ("auto", "time", "random"):
-        raise SchemaError(f"{w}: split.method must be auto, time or random, got {schema.split.method!r}")
+    if schema.split.method not in SPLIT_METHODS:
+        raise SchemaError(f"{w}: split.method must be one of {list(SPLIT_METHODS)}, got {schema.split.method!r}")
+    if not 0 < schema.split.holdout_fraction < 1:
+        raise SchemaError(f"{w}: split.holdout_fraction must be between 0 and 1, got {schema.split.holdout_fraction}")
+    if not 0 < schema.split.train_fraction <= 1:
+        raise SchemaError(f"{w}: split.train_fraction must be in (0, 1], got {schema.split.train_fraction}")
     if schema.label.negative_below > schema.label.positive_above:
         raise SchemaError(f"{w}: label.negative_below must be <= label.positive_above")
     if schema.source.format not in ("movielens-100k", "movielens-1m", "table"):
@@ -279,6 +293,13 @@ class PreparedField:
     max_length: int | None = None
 
 
+# Columns of every prepared split that are never model inputs: they say which regime a row is in.
+USER_TRAIN_ROWS = "user_train_rows"  # training rows of the row's user (0: a cold user)
+ITEM_TRAIN_ROWS = "item_train_rows"  # training rows of the row's item (0: a cold item; 1-5: the long tail)
+USER_KEY = "user_key"  # the raw user, as a number (users unknown to the vocabulary stay apart: GAUC groups by it)
+REGIME_COLUMNS = (USER_TRAIN_ROWS, ITEM_TRAIN_ROWS, USER_KEY)
+
+
 @dataclass(frozen=True)
 class PreparedSchema:
     name: str
@@ -289,7 +310,7 @@ class PreparedSchema:
     counts: dict[str, int]
     stats: dict[str, Any]
     source: dict[str, Any]
-    format_version: int = 1
+    format_version: int = 2  # 2: regime columns in the splits, train_rows in the vocabularies
 
     @property
     def sparse_fields(self) -> tuple[PreparedField, ...]:
@@ -333,7 +354,8 @@ def field_names(schema: DatasetSchema | PreparedSchema) -> list[str]:
 
 
 __all__ = [
-    "PAD_ID", "UNK_ID", "FIRST_ID", "SchemaError", "FieldKind", "Entity", "FieldSpec", "LabelRule", "SplitRule",
+    "PAD_ID", "UNK_ID", "FIRST_ID", "SchemaError", "SPLIT_METHODS", "REGIME_COLUMNS", "USER_TRAIN_ROWS",
+    "ITEM_TRAIN_ROWS", "USER_KEY", "FieldKind", "Entity", "FieldSpec", "LabelRule", "SplitRule",
     "TableSource", "SourceSpec", "DatasetSchema", "PreparedField", "PreparedSchema", "load_schema",
     "resolve_inside", "field_names",
 ]

@@ -157,8 +157,8 @@ class LMVectors(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:  # -> [B, len(fields), dim]
         out = []
         for i, name in enumerate(self.fields):
-            ids = batch.sparse_features[name].values()  # single-valued: one id per row, padding rows too
-            torch._assert(ids.numel() == batch.labels.numel(), f"{name} must hold exactly one id per row")
+            # the stored ids (Batch.extras), not the embedding lookup's: a cold user keeps its own vector
+            ids = batch.extras[name]
             out.append(self.projections[i](getattr(self, f"vectors_{i}")[ids]))
         return torch.stack(out, dim=1)
 
@@ -183,6 +183,7 @@ class ELECGainTask(Task):
             raise ValueError(f"inject={inject.value!r} needs a backbone built with num_extra_fields={expected}, "
                              f"got {model.num_extra_fields}")
         self.lm, self.inject = lm, inject
+        self.extra_columns = tuple(lm.fields)  # the loader hands the vectors' keys over as stored
         d = model.embedding_dim
         self.late = (nn.Sequential(nn.Linear(len(lm.fields) * d, d, device=device), nn.ReLU(),
                                    nn.Linear(d, 1, device=device))
@@ -216,6 +217,7 @@ class ELECStudentTask(Task):
         if cfg.distils and teacher is None:
             raise ValueError("distillation weights are set but there is no teacher")
         self.teacher, self.cfg = teacher, cfg
+        self.extra_columns = teacher.extra_columns if teacher is not None else ()
         self.frozen_teacher = teacher is not None and Mode(cfg.mode) is Mode.TWO_STAGE
         if self.frozen_teacher:
             # DDP must ignore the teacher's dense parameters. Its tables keep requires_grad (the fused
@@ -314,6 +316,9 @@ def _check_student(cfg: ExperimentConfig, schema: PreparedSchema | None) -> None
     if teacher.method.name not in ("elec_gain", "none"):
         raise ConfigError(f"{run} trained method {teacher.method.name!r}: a teacher is a gain network "
                           "(elec_gain) or, as a control, a plain model (none)")
+    if teacher.data.min_count != cfg.data.min_count:
+        raise ConfigError(f"{run} looked embeddings up with data.min_count={teacher.data.min_count}, the student "
+                          f"with {cfg.data.min_count}: both must read the same rows")
     done = json.loads((run / "test_metrics.json").read_text())
     if schema is not None and done.get("fingerprint") != schema.fingerprint:
         raise ConfigError(f"{run} was trained on dataset {done.get('dataset')!r} (fingerprint "

@@ -184,3 +184,28 @@ class FirstOrderArch(nn.Module):
         if self.dense is not None:
             out = out + self.dense(batch.dense_features).squeeze(-1)
         return out  # [B]
+
+
+TABLE_PREFIXES = ("t_", "lr_")  # SparseArch's tables, FirstOrderArch's
+
+
+@torch.no_grad()
+def bake_lookup(model: nn.Module, lookup: dict[str, torch.Tensor | object]) -> int:
+    """Copy into every row of an unsharded model's tables the row its id reads under ``lookup`` (per vocabulary,
+    id -> row; ``recsys.data.loader.embedding_lookup``), so that the model scores stored ids as the trainer's
+    loader fed them. Returns the number of tables changed."""
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, EmbeddingBagCollection):
+            tables = m.embedding_bags
+        elif isinstance(m, EmbeddingCollection):
+            tables = m.embeddings
+        else:
+            continue
+        for name, table in tables.items():
+            vocab = next((name[len(p):] for p in TABLE_PREFIXES if name.startswith(p)), None)
+            if vocab in lookup:
+                rows = torch.as_tensor(lookup[vocab], dtype=torch.long, device=table.weight.device)
+                table.weight.copy_(table.weight[rows])
+                changed += 1
+    return changed

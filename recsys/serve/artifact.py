@@ -22,9 +22,11 @@ import torch
 
 from recsys.atomic import atomic_dir
 from recsys.data.batch import Batch
+from recsys.data.loader import embedding_lookup
 from recsys.data.schema import PreparedSchema
 from recsys.models import BACKBONES, build_backbone
 from recsys.models.base import Backbone
+from recsys.modules.embedding import bake_lookup
 from recsys.train.checkpoint import UnsafeCheckpointError, load_part
 from recsys.train.config import ConfigError, from_dict
 
@@ -63,10 +65,13 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -
     m = cfg.model
     backbone = m.build(schema, torch.device("cpu"))
     load_part(run_dir / "checkpoints" / checkpoint, backbone, source_prefix="model.")
+    # the run looked rare and unseen ids up in <unk>'s row: the export's tables hold that row for them
+    bake_lookup(backbone, embedding_lookup(cfg.data.path, schema, cfg.data.min_count))
     metrics_file = run_dir / "test_metrics.json"
     meta = {
         "format_version": FORMAT_VERSION, "backbone": m.backbone, "embedding_dim": m.embedding_dim,
         "backbone_config": dataclasses.asdict(m.backbone_config()), "method": cfg.method.name,
+        "min_count": cfg.data.min_count,
         "dataset": schema.name, "fingerprint": schema.fingerprint, "source_run": str(run_dir),
         "checkpoint": checkpoint, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "test_metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,

@@ -60,7 +60,8 @@ def _nan(ids: np.ndarray) -> np.ndarray:
 
 
 def score_file(model: ExportedModel, src: str | Path, out: str | Path, batch_size: int = 4096,
-               progress: bool = True) -> dict[str, float]:
+               progress: bool = True) -> dict:
+    """Score every row of ``src``; with labels, AUC and logloss (and, for a prepared split, per regime)."""
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise FileNotFoundError(f"request file {src} does not exist")
@@ -87,10 +88,17 @@ def score_file(model: ExportedModel, src: str | Path, out: str | Path, batch_siz
     tmp.replace(out)
     result: dict[str, float] = {"rows": float(row)}
     if "label" in columns and row:
-        from recsys.train.metrics import evaluate_predictions
+        from recsys.data.schema import REGIME_COLUMNS
+        from recsys.train.metrics import evaluate_predictions, regime_metrics
 
         y = torch.from_numpy(np.concatenate(labels))
         result.update(evaluate_predictions(logit, y, torch.ones_like(y)))
+        present = [c for c in REGIME_COLUMNS if c in file.schema_arrow.names]
+        if present:  # a prepared split: the same regimes as the trainer reports
+            t = pq.read_table(src, columns=present)
+            cols = [torch.from_numpy(t.column(c).to_numpy().astype(np.int64)) if c in present else None
+                    for c in REGIME_COLUMNS]
+            result.update(regime_metrics(torch.sigmoid(logit.double()), y.double(), *cols))
     return result
 
 

@@ -32,6 +32,9 @@ class DataConfig:
     batch_size: int = 4096  # global: each of W ranks takes batch_size / W rows per step
     eval_batch_size: int = 16384
     window_row_groups: int = 8  # row groups shuffled together (bounded memory for large splits)
+    # ids with fewer training rows than this read the unknown id's embedding row, which is then trained (on
+    # the ids seen once); 1: only ids never seen in training do (see recsys.data.loader.embedding_lookup)
+    min_count: int = 2
 
 
 Schedule = Literal["constant", "linear", "cosine"]

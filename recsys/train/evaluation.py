@@ -7,24 +7,37 @@ predictions; a pre-training stage by sums it reduces to ratios (for example mask
 
 from __future__ import annotations
 
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
-from recsys.train.metrics import evaluate_predictions
+from recsys.data.schema import ITEM_TRAIN_ROWS, USER_KEY, USER_TRAIN_ROWS
+from recsys.train.metrics import auc as auc_of
+from recsys.train.metrics import gather, logloss, regime_metrics
 
 
 class Evaluator(Protocol):
     def update(self, step: dict[str, torch.Tensor]) -> None: ...
 
-    def compute(self) -> dict[str, float]: ...
+    def compute(self) -> dict[str, Any]: ...
 
 
 class CTREvaluator:
-    """Exact AUC and logloss over every rank's predictions (``logits``, ``labels``, ``weights`` of each step)."""
+    """Exact AUC and logloss over every rank's predictions (``logits``, ``labels``, ``weights`` of each step),
+    and, when ``split_file`` has the regime columns, the same per regime (warm, cold user, cold item, long
+    tail) and GAUC.
 
-    def __init__(self) -> None:
+    Evaluation reads a split in file order: each rank a contiguous range, padding at its end, gathered rank
+    by rank. So the gathered real rows are the file's rows in order, and the regime columns are read from
+    the file beside them; the labels are compared to make sure.
+    """
+
+    def __init__(self, split_file: str | Path | None = None) -> None:
+        self.split_file = Path(split_file) if split_file is not None else None
         self.logits: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
         self.weights: list[torch.Tensor] = []
@@ -34,9 +47,31 @@ class CTREvaluator:
         self.labels.append(step["labels"])
         self.weights.append(step["weights"])
 
-    def compute(self) -> dict[str, float]:
-        return evaluate_predictions(torch.cat(self.logits).float().cpu(), torch.cat(self.labels).cpu(),
-                                    torch.cat(self.weights).cpu())
+    def compute(self) -> dict[str, Any]:
+        logits, labels, weights = (gather(torch.cat(x).cpu()) for x in (self.logits, self.labels, self.weights))
+        keep = weights > 0
+        probs = torch.sigmoid(logits[keep].double())
+        y = labels[keep].double()
+        out: dict[str, Any] = {"auc": auc_of(probs, y), "logloss": logloss(probs, y), "rows": int(keep.sum()),
+                               "positive_rate": float(y.mean()) if y.numel() else float("nan")}
+        columns = self._regime_columns(y)
+        if columns is not None:
+            out.update(regime_metrics(probs, y, *columns))
+        return out
+
+    def _regime_columns(self, y: torch.Tensor) -> tuple[torch.Tensor | None, ...] | None:
+        if self.split_file is None:
+            return None
+        names = pq.ParquetFile(self.split_file).schema_arrow.names
+        wanted = [c for c in (USER_TRAIN_ROWS, ITEM_TRAIN_ROWS, USER_KEY) if c in names]
+        if not wanted:
+            return None  # prepared before regimes existed: overall metrics only
+        t = pq.read_table(self.split_file, columns=["label", *wanted])
+        if t.num_rows != y.numel() or not np.array_equal(t.column("label").to_numpy(), y.numpy().astype(np.float32)):
+            raise RuntimeError(f"{self.split_file}: the evaluated rows are not the file's rows in order "
+                               f"({y.numel()} evaluated, {t.num_rows} in the file); regimes cannot be matched")
+        return tuple(torch.from_numpy(t.column(c).to_numpy().astype(np.int64)) if c in names else None
+                     for c in (USER_TRAIN_ROWS, ITEM_TRAIN_ROWS, USER_KEY))
 
 
 class RatioEvaluator:

@@ -26,6 +26,7 @@ Example (a method whose task adds an L2 penalty on the field embeddings)::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -129,11 +130,11 @@ class Task(nn.Module):
         """The loss of a non-CTR stage (``self.stage``); a task that declares one overrides this."""
         raise NotImplementedError(f"{type(self).__name__} declares stage {self.stage.name!r} but no stage_forward")
 
-    def evaluator(self, stage: Stage) -> Evaluator:
-        """What the trainer collects and reduces to validation metrics in ``stage``."""
+    def evaluator(self, stage: Stage, split_file: Path | None = None) -> Evaluator:
+        """What the trainer collects and reduces to metrics in ``stage`` on the split in ``split_file``."""
         if stage.kind != "ctr":
             raise NotImplementedError(f"{type(self).__name__} declares stage {stage.name!r} but no evaluator")
-        return CTREvaluator()
+        return CTREvaluator(split_file)
 
     def param_groups(self) -> list[ParamGroup]:
         """Dense parameters with their own optimizer settings; the rest form the group ``dense``."""

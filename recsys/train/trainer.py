@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from recsys.atomic import write_text_atomic
 from recsys.data.batch import Batch
-from recsys.data.loader import ParquetBatches
+from recsys.data.loader import ParquetBatches, embedding_lookup
 from recsys.data.schema import PreparedSchema
 from recsys.train.checkpoint import Checkpointer, load_part
 from recsys.train.config import ConfigError, DataConfig, GroupOptimConfig, OptimConfig, TrainConfig
@@ -82,6 +82,9 @@ def check_run_config(cfg: RunConfig, env: DistEnv) -> None:
                               f"{env.world_size} ranks; use a multiple of {env.world_size}")
     if cfg.train.epochs < 1 or cfg.train.patience < 1 or any(n < 1 for n in cfg.train.stage_epochs.values()):
         raise ConfigError("train.epochs, train.stage_epochs and train.patience must be >= 1")
+    if cfg.data.min_count < 1:
+        raise ConfigError(f"data.min_count={cfg.data.min_count}: must be >= 1 (1: only ids never seen in training "
+                          "read the unknown id's row)")
     check_optim(cfg.optim, env.device)
     check_sharding_types(cfg.train.sharding_types, env.device)
 
@@ -168,10 +171,11 @@ class Trainer:
                 n = load_part(path, self.model, target_prefix=prefix)
                 self._log(f"loaded {n} tensors of {prefix.rstrip('.')} from {path}")
         d = cfg.data
+        self.lookup = embedding_lookup(d.path, schema, d.min_count)
         self.train_batches = ParquetBatches(d.path, "train", schema, self.per_rank_batch, env.rank,
                                             env.world_size, shuffle=True, seed=cfg.train.seed,
-                                            window_row_groups=d.window_row_groups,
-                                            extra_columns=task.extra_columns, side_files=task.side_files("train"))
+                                            window_row_groups=d.window_row_groups, extra_columns=task.extra_columns,
+                                            side_files=task.side_files("train"), lookup=self.lookup)
         self.eval_per_rank = d.eval_batch_size // env.world_size
         self.stage = task.stages[0]
         task.set_stage(self.stage)
@@ -288,13 +292,13 @@ class Trainer:
         return loss_sum / max(rows, 1.0), rows * self.env.world_size / elapsed
 
     @torch.no_grad()
-    def evaluate(self, split: str, stage: Stage | None = None) -> dict[str, float]:
+    def evaluate(self, split: str, stage: Stage | None = None) -> dict[str, Any]:
         """The metrics of ``stage`` (default: the current one) on ``split``, over every rank's rows."""
         self.model.eval()
         batches = ParquetBatches(self.cfg.data.path, split, self.schema, self.eval_per_rank, self.env.rank,
                                  self.env.world_size, extra_columns=self.task.extra_columns,
-                                 side_files=self.task.side_files(split))
-        evaluator = self.task.evaluator(stage or self.stage)
+                                 side_files=self.task.side_files(split), lookup=self.lookup)
+        evaluator = self.task.evaluator(stage or self.stage, batches.path)
         for out in self._steps(iter(batches)):
             evaluator.update(out)
         return evaluator.compute()
@@ -354,11 +358,14 @@ class Trainer:
             "best_epoch": best_state.best_epoch + 1, "epochs_run": state.epoch + 1,
             **{f"valid_{k}": v for k, v in valid.items() if k != "rows"},
             **{f"test_{k}": v for k, v in test.items()},
+            "min_count": cfg.data.min_count,
             "train_samples_per_s": float(np.mean(samples_per_s)) if samples_per_s else None,
             "peak_rss_mb_rank0": peak_mb,
         }
         if env.is_main:
             (self.run_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+            if "test_regimes" in result:
+                log.info("test metrics per regime (best epoch %d):\n%s", result["best_epoch"], regimes_table(result))
         return result
 
     def _fit_stage(self, stage: Stage, previous: Stage | None) -> list[float]:
@@ -381,10 +388,16 @@ class Trainer:
             samples_per_s.append(sps)
             valid = self.evaluate("valid")
             value = valid[stage.monitor]
+            if value is None or not math.isfinite(value):
+                rate = valid.get("positive_rate")
+                why = (f": the validation split has one class (positive rate {rate:.0%}); check the dataset's "
+                       "label rule" if rate in (0.0, 1.0) else "")
+                raise FloatingPointError(f"stage {stage.name}, epoch {epoch + 1}: validation {stage.monitor} is "
+                                         f"{value}{why}")
             state.epoch = epoch
-            state.history.append({"epoch": epoch, "train_loss": train_loss,
-                                  **{f"valid_{k}": v for k, v in valid.items() if k != "rows"},
-                                  "train_samples_per_s": sps})
+            scalars = {f"valid_{k}": v for k, v in valid.items()
+                       if k not in ("rows", "positive_rate", "gauc_users") and isinstance(v, int | float)}
+            state.history.append({"epoch": epoch, "train_loss": train_loss, **scalars, "train_samples_per_s": sps})
             improved = stage.better(value, state.best_value)
             if improved:
                 state.best_value, state.best_epoch, state.bad_epochs = value, epoch, 0
@@ -392,7 +405,8 @@ class Trainer:
                 state.bad_epochs += 1
                 state.stopped_early = state.bad_epochs >= cfg.train.patience
             prefix = "" if len(self.task.stages) == 1 else f"{stage.name} "
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in valid.items() if k != "rows" and k != stage.monitor)
+            shown = ", ".join(f"{k.removeprefix('valid_')} {v:.4f}" for k, v in scalars.items()
+                              if k != f"valid_{stage.monitor}")
             self._log(f"{prefix}epoch {epoch + 1}: train loss {train_loss:.4f}, valid {stage.monitor} {value:.4f}"
                       + (f", {shown}" if shown else "") + f", {sps:,.0f} samples/s"
                       + (" (best)" if improved else f" (no gain for {state.bad_epochs})"))
@@ -437,3 +451,19 @@ def results_table(result: dict) -> str:
            f"{'split':<6} {'AUC':>8} {'logloss':>9}"]
     out += [f"{s:<6} {a:>8.4f} {ll:>9.4f}" for s, a, ll in rows]
     return "\n".join(out)
+
+
+def _num(v: float | None, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def regimes_table(result: dict, split: str = "test") -> str:
+    """Rows, AUC and logloss per regime, and GAUC, of a run's ``split``."""
+    lines = [f"{'regime':<10} {'rows':>8} {'AUC':>8} {'logloss':>9}"]
+    for name, r in result[f"{split}_regimes"].items():
+        note = f"  ({r['note']})" if r.get("note") else ""
+        lines.append(f"{name:<10} {r['rows']:>8,} {_num(r['auc']):>8} {_num(r['logloss']):>9}{note}")
+    if f"{split}_gauc" in result:
+        lines.append(f"{'GAUC':<10} {result.get(f'{split}_gauc_users', 0):>8,} {_num(result[f'{split}_gauc']):>8}"
+                     "            (users with both classes)")
+    return "\n".join(lines)
