@@ -9,7 +9,8 @@ ids. Key spaces (see ``recsys.features.table``):
   vocabulary; text = "<field> is <value>.", the field named by its one-line description ("The movie's
   genres is Animation."). Fields that share a vocabulary (``hist_item_id`` shares ``item_id``) use the
   owner's table.
-- ``item``: key = the ``item_id`` id; text = every item-side field of the item. Item attributes are
+- ``item``: key = the ``item_id`` id; text = every item-side field of the item (text fields too: a
+  description, a title). Item attributes are
   catalogue data (the same in every row of the item, no label in them), so they are read from all splits:
   items first seen in validation or test still get their title.
 - ``user``: key = the ``user_id`` id; text = the profile fields plus the most recent interactions
@@ -276,6 +277,8 @@ def _format_value(data: PreparedData, f: PreparedField, value: object) -> str | 
     """The readable value of one cell, or None when it says nothing (padding, unknown, no values)."""
     if f.kind is FieldKind.DENSE:
         return None if value is None else f"{float(value):g}"
+    if f.kind is FieldKind.TEXT:  # free text, as the source wrote it
+        return str(value).strip() or None if value is not None else None
     vocab = data.vocab_text(f)
     ids = value if isinstance(value, list) else [value]
     words = [vocab[i] for i in ids if i is not None and i >= FIRST_ID]

@@ -4,6 +4,10 @@ vocabularies, schema.json). See ``recsys.data.prepare`` for what is written.
     python -m recsys.prepare --dataset ml-100k --out runs/data/ml-100k
     python -m recsys.prepare --dataset ml-1m --split cold_item --out runs/data/ml-1m-cold-item
     python -m recsys.prepare --dataset ml-1m --train-fraction 0.05 --out runs/data/ml-1m-sparse-5pct
+    python -m recsys.prepare --dataset my_schema.yaml --out runs/data/mine     # your own CSV or Parquet files
+
+The schema format for your own data (every key, examples, what each error means): docs/datasets.md;
+a complete example: docs/examples/reviews.yaml.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from recsys.atomic import commit_dir, fresh_tmp
+from recsys.atomic import atomic_dir
 from recsys.data.lists import Lists
 from recsys.data.schema import (
     FIRST_ID,
@@ -41,6 +41,7 @@ from recsys.data.schema import (
     DatasetSchema,
     FieldKind,
     FieldSpec,
+    Normalize,
     PreparedField,
     PreparedSchema,
 )
@@ -111,7 +112,15 @@ def fingerprint(schema: DatasetSchema, raw: RawTables) -> str:
 def _labels(schema: DatasetSchema, raw: RawTables) -> tuple[np.ndarray, np.ndarray]:
     """Label per interaction (NaN where the rule drops the row)."""
     rule = schema.label
-    values = to_number(raw.interactions, rule.column, "a number (the label column)")
+    values = to_number(raw.interactions, rule.column, "a number (the label column)", raw.column_name(rule.column))
+    if rule.binary:
+        bad = np.flatnonzero((values != 0) & (values != 1))
+        if bad.size:
+            i = int(bad[0])
+            raise DataError(f"{raw.interactions.attrs.get('path')}, line {line_of(raw.interactions, i)}, column "
+                            f"{rule.column!r}: {values[i]:g} is not 0 or 1, which label.binary asks for "
+                            f"({bad.size} such rows)")
+        return values.astype(np.float64), values
     out_of_range = np.zeros(values.shape, dtype=bool)
     if rule.min_value is not None:
         out_of_range |= values < rule.min_value
@@ -280,8 +289,57 @@ def _history(raw: RawTables, timestamps: np.ndarray, max_length: int) -> tuple[n
     return order, np.stack([starts, lengths])
 
 
+def _normalize(values: np.ndarray, f: FieldSpec, train_rows: np.ndarray, where: str) -> tuple[np.ndarray, dict]:
+    """A dense field's model inputs and the transform that made them (fitted on the training rows)."""
+    kind = Normalize(f.normalize)
+    out = values.astype(np.float64)
+    transform: dict = {"kind": kind.value}
+    if kind in (Normalize.LOG1P, Normalize.LOG1P_STANDARD):
+        if (out <= -1).any():
+            raise DataError(f"{where}: normalize {kind.value} needs values above -1; the smallest is {out.min():g}")
+        out = np.log1p(out)
+    if kind in (Normalize.STANDARD, Normalize.LOG1P_STANDARD):
+        mean, std = float(out[train_rows].mean()), float(out[train_rows].std())
+        std = std if std > 0 else 1.0  # a constant field stays at 0
+        out = (out - mean) / std
+        transform |= {"mean": mean, "std": std}
+    return out.astype(np.float32), transform
+
+
+def _check_classes(schema: DatasetSchema, label: np.ndarray, parts: list[np.ndarray]) -> None:
+    """Every split needs clicks and non-clicks: with one class nothing can be learned or measured."""
+    for name, rows in zip(SPLITS, parts, strict=True):
+        positives = int(label[rows].sum())
+        if positives in (0, len(rows)):
+            rule = schema.label
+            how = ("label.binary: 1 is a click" if rule.binary else
+                   f"values of {rule.column!r} above {rule.positive_above:g} are clicks, below "
+                   f"{rule.negative_below:g} non-clicks")
+            raise DataError(f"{schema.where}: the {name} split has one class ({len(rows):,} rows, all "
+                            f"{'clicks' if positives else 'non-clicks'}) under the label rule ({how}); a 0/1 "
+                            f"column needs `label: {{column: {rule.column}, binary: true}}`")
+
+
+def _check_keys_known(schema: DatasetSchema, unknown: dict[str, dict[str, int]], counts: dict[str, int]) -> None:
+    """An id column whose every validation and test value is unknown was not read as the training rows were."""
+    for key, entity in (("user_id", "user"), ("item_id", "item")):
+        if schema.split.method == f"cold_{entity}":
+            continue  # held out on purpose
+        for f in schema.fields:
+            if f.column != key or f.kind is not FieldKind.CATEGORICAL:
+                continue
+            n = sum(counts[s] for s in ("valid", "test"))
+            if sum(unknown.get(s, {}).get(f.name, 0) for s in ("valid", "test")) == n:
+                raise DataError(f"{schema.where}: field {f.name!r}: every one of the {n:,} validation and test "
+                                f"values is unknown to the vocabulary of the training rows and side tables; the "
+                                "ids are not read alike in every file (a byte-order mark, another id format, a "
+                                "column read as a number?)")
+
+
 def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress: bool = True) -> PreparedSchema:
     """Prepare a dataset into ``out``. Returns the prepared schema that was written."""
+    out = Path(out).resolve()
+    _check_replaceable(out)  # before any work: a refused folder costs nothing and leaves nothing
     stages = tqdm(total=6, desc=f"prepare {schema.name}", disable=not progress, unit="stage")
     stages.set_postfix_str("reading")
     raw = read_source(schema, root)
@@ -292,8 +350,10 @@ def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress
     stages.set_postfix_str("labels and split")
     label, rating = _labels(schema, raw)
     keep = np.flatnonzero(~np.isnan(label))
-    timestamps = to_number(raw.interactions, "timestamp", "a timestamp") if raw.has_timestamp else None
+    timestamps = (to_number(raw.interactions, "timestamp", "a timestamp", raw.column_name("timestamp"))
+                  if raw.has_timestamp else None)
     split_method, parts, full_train = _split(schema, keep, timestamps, raw)
+    _check_classes(schema, label, parts)
     regimes = _regime_columns(raw, parts[0])
     stages.update()
 
@@ -307,15 +367,22 @@ def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress
         log.warning("%s: no timestamps in the source, so behaviour histories cannot be ordered: "
                     "skipping sequence fields %s", schema.name, skipped)
         fields = [f for f in fields if f.kind is not FieldKind.SEQUENCE]
-    tokens: dict[str, Lists] = {}  # per-interaction token lists of every non-dense field
+    tokens: dict[str, Lists] = {}  # per-interaction token lists of every categorical and sequence field
     catalogue: dict[str, np.ndarray] = {}
     dense: dict[str, np.ndarray] = {}
+    transforms: dict[str, dict] = {}
+    texts: dict[str, np.ndarray] = {}
     for f in fields:
         where = f"{schema.where}: field {f.name!r}"
         if f.kind is FieldKind.DENSE:
             table, idx = cols.locate(f.column, where)
             v = to_number(table, f.column)
-            dense[f.name] = (v if idx is None else np.where(idx < 0, 0.0, v[np.maximum(idx, 0)])).astype(np.float32)
+            v = v if idx is None else np.where(idx < 0, 0.0, v[np.maximum(idx, 0)])
+            dense[f.name], transforms[f.name] = _normalize(v, f, parts[0], where)
+        elif f.kind is FieldKind.TEXT:
+            table, idx = cols.locate(f.column, where)
+            v = table[f.column].fillna("").to_numpy(dtype=object)
+            texts[f.name] = v if idx is None else np.where(idx < 0, "", v[np.maximum(idx, 0)])
         elif f.kind is not FieldKind.SEQUENCE:
             sep = f.separator if f.kind is FieldKind.MULTI_CATEGORICAL else None
             tokens[f.name], cat = cols.lists(f.column, sep, where)
@@ -332,7 +399,7 @@ def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress
     train_rows = full_train  # a subsampled training split keeps every id: its unseen ones map to <unk> at load
     vocabs: dict[str, Vocabulary] = {}
     for f in fields:
-        if f.kind is FieldKind.DENSE or f.share_vocab is not None:
+        if f.kind in (FieldKind.DENSE, FieldKind.TEXT) or f.share_vocab is not None:
             continue
         users_of = [g for g in fields if g.share_vocab == f.name]
         train_tokens = [tokens[g.name].take(train_rows).values for g in (f, *users_of)]
@@ -340,70 +407,72 @@ def prepare(schema: DatasetSchema, out: Path, root: Path | None = None, progress
     stages.update()
 
     stages.set_postfix_str("writing")
-    out = out.resolve()
-    _check_replaceable(out)
-    tmp = fresh_tmp(out)
-    (tmp / "vocab").mkdir()
-    stats: dict = {"rows_read": n_all, "rows_dropped_by_label_rule": int(n_all - len(keep)),
-                   "positive_rate": {}, "unknown_values": {}, "skipped_fields": skipped, "regime_rows": {}}
-    counts = {}
-    train_counts: dict[str, np.ndarray] = {}  # per vocabulary: occurrences of each id in the training rows
-    for name, rows in zip(SPLITS, parts, strict=True):
-        columns: dict[str, pa.Array] = {"label": pa.array(label[rows].astype(np.float32))}
-        unknown = {}
+    with atomic_dir(out) as tmp:  # a failure leaves the previous dataset (or nothing), never a partial one
+        (tmp / "vocab").mkdir()
+        stats: dict = {"rows_read": n_all, "rows_dropped_by_label_rule": int(n_all - len(keep)),
+                       "positive_rate": {}, "unknown_values": {}, "skipped_fields": skipped, "regime_rows": {}}
+        counts = {}
+        train_counts: dict[str, np.ndarray] = {}  # per vocabulary: occurrences of each id in the training rows
+        for name, rows in zip(SPLITS, parts, strict=True):
+            columns: dict[str, pa.Array] = {"label": pa.array(label[rows].astype(np.float32))}
+            unknown = {}
+            for f in fields:
+                if f.kind is FieldKind.DENSE:
+                    columns[f.name] = pa.array(dense[f.name][rows])
+                    continue
+                if f.kind is FieldKind.TEXT:
+                    columns[f.name] = pa.array(texts[f.name][rows].tolist(), pa.string())
+                    continue
+                vocab = vocabs[f.share_vocab or f.name]
+                lists = tokens[f.name].take(rows)
+                ids, n_unk = vocab.encode(lists.values)
+                if n_unk and name != "train":
+                    unknown[f.name] = n_unk
+                lists = Lists(lists.offsets, ids)
+                if f.kind is not FieldKind.CATEGORICAL:
+                    lists = lists.capped(f.max_length, "last" if f.kind is FieldKind.SEQUENCE else "first")
+                columns[f.name] = pa.array(ids) if f.kind is FieldKind.CATEGORICAL else lists.to_arrow()
+                if name == "train":  # what each embedding row is trained on: the ids as the model sees them
+                    owner = f.share_vocab or f.name
+                    seen = np.bincount(lists.values, minlength=len(vocab))
+                    train_counts[owner] = train_counts.get(owner, 0) + seen
+            columns["rating"] = pa.array(rating[rows].astype(np.float32))
+            if timestamps is not None:
+                columns["timestamp"] = pa.array(timestamps[rows].astype(np.int64))
+            for column, values in regimes.items():
+                columns[column] = pa.array(values[rows])
+            stats["regime_rows"][name] = regime_summary(regimes, rows)
+            pq.write_table(pa.table(columns), tmp / f"{name}.parquet", row_group_size=ROW_GROUP_SIZE,
+                           compression="zstd")
+            counts[name] = len(rows)
+            stats["positive_rate"][name] = round(float(label[rows].mean()), 6)
+            stats["unknown_values"][name] = unknown
+            if unknown:
+                log.info("%s split: values outside the vocabulary mapped to the unknown id: %s", name, unknown)
+        _check_keys_known(schema, stats["unknown_values"], counts)
+        prepared_fields = []
         for f in fields:
-            if f.kind is FieldKind.DENSE:
-                columns[f.name] = pa.array(dense[f.name][rows])
-                continue
-            vocab = vocabs[f.share_vocab or f.name]
-            lists = tokens[f.name].take(rows)
-            ids, n_unk = vocab.encode(lists.values)
-            if n_unk and name != "train":
-                unknown[f.name] = n_unk
-            lists = Lists(lists.offsets, ids)
-            if f.kind is not FieldKind.CATEGORICAL:
-                lists = lists.capped(f.max_length, "last" if f.kind is FieldKind.SEQUENCE else "first")
-            columns[f.name] = pa.array(ids) if f.kind is FieldKind.CATEGORICAL else lists.to_arrow()
-            if name == "train":  # what each embedding row is trained on: the ids as the model sees them
-                owner = f.share_vocab or f.name
-                seen = np.bincount(lists.values, minlength=len(vocab))
-                train_counts[owner] = train_counts.get(owner, 0) + seen
-        columns["rating"] = pa.array(rating[rows].astype(np.float32))
-        if timestamps is not None:
-            columns["timestamp"] = pa.array(timestamps[rows].astype(np.int64))
-        for column, values in regimes.items():
-            columns[column] = pa.array(values[rows])
-        stats["regime_rows"][name] = regime_summary(regimes, rows)
-        pq.write_table(pa.table(columns), tmp / f"{name}.parquet", row_group_size=ROW_GROUP_SIZE,
-                       compression="zstd")
-        counts[name] = len(rows)
-        stats["positive_rate"][name] = round(float(label[rows].mean()), 6)
-        stats["unknown_values"][name] = unknown
-        if unknown:
-            log.info("%s split: values outside the vocabulary mapped to the unknown id: %s", name, unknown)
-    prepared_fields = []
-    for f in fields:
-        owner = f.share_vocab or f.name
-        is_dense = f.kind is FieldKind.DENSE
-        if not is_dense and f.share_vocab is None:
-            _write_vocab(vocabs[f.name], f, tmp / f"vocab/{f.name}.parquet", train_counts[f.name])
-        max_length = (f.max_length or schema.history_length) if f.kind is FieldKind.SEQUENCE else f.max_length
-        prepared_fields.append(PreparedField(
-            name=f.name, kind=f.kind, entity=f.entity, description=f.description,
-            vocab_size=0 if is_dense else len(vocabs[owner]),
-            vocab_file=None if is_dense else f"vocab/{owner}.parquet", table=owner, max_length=max_length))
-    prepared = PreparedSchema(
-        name=schema.name, fingerprint=fp, fields=tuple(prepared_fields), label="label",
-        split_method=split_method, counts=counts, stats=stats,
-        source={"format": schema.source.format, "files": [p.name for p in raw.files],
-                "has_timestamp": raw.has_timestamp, "split_seed": schema.split.seed,
-                "split_ratios": list(schema.split.ratios), "label_rule": schema.to_dict()["label"],
-                "holdout_fraction": schema.split.holdout_fraction if schema.split.method.startswith("cold") else None,
-                "train_fraction": schema.split.train_fraction, "train_rows_before_subsample": len(full_train),
-                "history_length": schema.history_length if history_span is not None else None},
-    )
-    (tmp / "schema.json").write_text(prepared.to_json())
-    commit_dir(tmp, out)
+            owner = f.share_vocab or f.name
+            no_vocab = f.kind in (FieldKind.DENSE, FieldKind.TEXT)
+            if not no_vocab and f.share_vocab is None:
+                _write_vocab(vocabs[f.name], f, tmp / f"vocab/{f.name}.parquet", train_counts[f.name])
+            max_length = (f.max_length or schema.history_length) if f.kind is FieldKind.SEQUENCE else f.max_length
+            prepared_fields.append(PreparedField(
+                name=f.name, kind=f.kind, entity=f.entity, description=f.description,
+                vocab_size=0 if no_vocab else len(vocabs[owner]),
+                vocab_file=None if no_vocab else f"vocab/{owner}.parquet", table=owner, max_length=max_length,
+                transform=transforms.get(f.name)))
+        prepared = PreparedSchema(
+            name=schema.name, fingerprint=fp, fields=tuple(prepared_fields), label="label",
+            split_method=split_method, counts=counts, stats=stats,
+            source={"format": schema.source.format, "files": [p.name for p in raw.files],
+                    "has_timestamp": raw.has_timestamp, "split_seed": schema.split.seed,
+                    "split_ratios": list(schema.split.ratios), "label_rule": schema.to_dict()["label"],
+                    "holdout_fraction": schema.split.holdout_fraction if schema.split.method.startswith("cold") else None,
+                    "train_fraction": schema.split.train_fraction, "train_rows_before_subsample": len(full_train),
+                    "history_length": schema.history_length if history_span is not None else None},
+        )
+        (tmp / "schema.json").write_text(prepared.to_json())
     out.chmod(0o755)
     stages.update()
     stages.set_postfix_str("done")

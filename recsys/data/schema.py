@@ -34,6 +34,16 @@ class FieldKind(StrEnum):
     MULTI_CATEGORICAL = "multi_categorical"
     SEQUENCE = "sequence"
     DENSE = "dense"
+    TEXT = "text"  # an entity's free text (a title, a review, a description): for the language-model side only
+
+
+class Normalize(StrEnum):
+    """How a dense field's raw values are turned into model inputs (fitted on the training rows)."""
+
+    NONE = "none"
+    LOG1P = "log1p"  # log(1 + x), for counts and other heavy-tailed non-negative values
+    STANDARD = "standard"  # (x - mean) / std of the training rows
+    LOG1P_STANDARD = "log1p_standard"  # both, in that order
 
 
 class Entity(StrEnum):
@@ -61,6 +71,7 @@ class FieldSpec:
     history: str | None = None
     share_vocab: str | None = None  # use another field's vocabulary (and embedding table)
     value_text: dict[str, str] | None = None  # codes to readable text, for the language-model side
+    normalize: Normalize = Normalize.NONE  # dense fields: none, log1p, standard (fitted on train), log1p_standard
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class LabelRule:
     negative_below: float = 3.0  # value < negative_below is a non-click; anything between is dropped
     min_value: float | None = None  # values outside [min_value, max_value] are bad input, not dropped
     max_value: float | None = None
+    binary: bool = False  # the column holds 0/1 itself (a click log): 1 is a click, 0 is not, anything else is bad
 
 
 SPLIT_METHODS = ("auto", "time", "random", "cold_item", "cold_user")
@@ -99,6 +111,7 @@ class TableSource:
     encoding: str = "utf-8"
     has_header: bool = True
     column_names: tuple[str, ...] | None = None  # when has_header is false
+    quote: str | None = '"'  # a field that starts with it is quoted (separators and newlines inside); null: none
 
 
 @dataclass(frozen=True)
@@ -108,9 +121,11 @@ class SourceSpec:
     interactions: TableSource | None = None
     users: TableSource | None = None
     items: TableSource | None = None
-    user_column: str = "user_id"
+    user_column: str | None = "user_id"  # null: the interactions have no user ids (no user entity, no histories)
     item_column: str = "item_id"
-    timestamp_column: str | None = "timestamp"
+    # None (not given): the column "timestamp" if the interactions have one; a name: that column, which must
+    # exist; "": no timestamps (a random split, no histories)
+    timestamp_column: str | None = None
 
 
 @dataclass(frozen=True)
@@ -182,9 +197,11 @@ def _parse(data: dict[str, Any], path: Path | None) -> DatasetSchema:
         try:
             f["kind"] = FieldKind(f.get("kind"))
             f["entity"] = Entity(f.get("entity"))
+            if "normalize" in f:
+                f["normalize"] = Normalize(f["normalize"])
         except ValueError as e:
             raise SchemaError(f"{fw}: {e}; kinds: {[k.value for k in FieldKind]}, "
-                              f"entities: {[k.value for k in Entity]}") from None
+                              f"entities: {[k.value for k in Entity]}, normalize: {[k.value for k in Normalize]}") from None
         if f.get("value_text") is not None:
             f["value_text"] = {str(k): str(v) for k, v in f["value_text"].items()}
         parsed.append(_build(FieldSpec, f, fw))
@@ -233,6 +250,10 @@ def validate(schema: DatasetSchema) -> None:
                 raise SchemaError(f"{fw}: dense fields have no vocabulary to share")
         if f.max_length is not None and f.max_length < 1:
             raise SchemaError(f"{fw}: max_length must be >= 1")
+        if f.normalize is not Normalize.NONE and f.kind is not FieldKind.DENSE:
+            raise SchemaError(f"{fw}: normalize applies to dense fields only")
+        if f.kind is FieldKind.TEXT and (f.share_vocab or f.separator or f.value_text):
+            raise SchemaError(f"{fw}: a text field is stored as it is: no share_vocab, separator or value_text")
     r = schema.split.ratios
     if len(r) != 3 or any(x <= 0 for x in r) or abs(sum(r) - 1.0) > 1e-6:
         raise SchemaError(f"{w}: split.ratios must be three positive numbers that sum to 1, got {list(r)}")
@@ -242,6 +263,16 @@ def validate(schema: DatasetSchema) -> None:
         raise SchemaError(f"{w}: split.holdout_fraction must be between 0 and 1, got {schema.split.holdout_fraction}")
     if not 0 < schema.split.train_fraction <= 1:
         raise SchemaError(f"{w}: split.train_fraction must be in (0, 1], got {schema.split.train_fraction}")
+    users = bool(schema.source.user_column) or schema.source.format != "table"
+    if not users:
+        seq = [f.name for f in schema.fields if f.kind is FieldKind.SEQUENCE]
+        if seq:
+            raise SchemaError(f"{w}: sequence fields {seq} are users' histories, and source.user_column is null "
+                              "(no user ids): remove them")
+        if schema.split.method == "cold_user":
+            raise SchemaError(f"{w}: split.method cold_user needs user ids, and source.user_column is null")
+        if schema.source.users is not None:
+            raise SchemaError(f"{w}: source.users is given but source.user_column is null")
     if schema.label.negative_below > schema.label.positive_above:
         raise SchemaError(f"{w}: label.negative_below must be <= label.positive_above")
     if schema.source.format not in ("movielens-100k", "movielens-1m", "table"):
@@ -287,10 +318,13 @@ class PreparedField:
     kind: FieldKind
     entity: Entity
     description: str
-    vocab_size: int  # ids are 0..vocab_size-1, 0 = padding, 1 = unknown; 0 for dense fields
+    vocab_size: int  # ids are 0..vocab_size-1, 0 = padding, 1 = unknown; 0 for dense and text fields
     vocab_file: str | None  # relative to the prepared folder; id -> raw value (and readable text)
     table: str  # the embedding table: the field itself or the field it shares a vocabulary with
     max_length: int | None = None
+    # dense fields: how raw values became inputs, with what was fitted on train ({"kind": "standard",
+    # "mean": ..., "std": ...}); apply the same to raw values served later
+    transform: dict[str, Any] | None = None
 
 
 # Columns of every prepared split that are never model inputs: they say which regime a row is in.
@@ -314,7 +348,11 @@ class PreparedSchema:
 
     @property
     def sparse_fields(self) -> tuple[PreparedField, ...]:
-        return tuple(f for f in self.fields if f.kind is not FieldKind.DENSE)
+        return tuple(f for f in self.fields if f.kind not in (FieldKind.DENSE, FieldKind.TEXT))
+
+    @property
+    def text_fields(self) -> tuple[PreparedField, ...]:
+        return tuple(f for f in self.fields if f.kind is FieldKind.TEXT)
 
     @property
     def dense_fields(self) -> tuple[PreparedField, ...]:
@@ -354,7 +392,7 @@ def field_names(schema: DatasetSchema | PreparedSchema) -> list[str]:
 
 
 __all__ = [
-    "PAD_ID", "UNK_ID", "FIRST_ID", "SchemaError", "SPLIT_METHODS", "REGIME_COLUMNS", "USER_TRAIN_ROWS",
+    "PAD_ID", "UNK_ID", "FIRST_ID", "SchemaError", "Normalize", "SPLIT_METHODS", "REGIME_COLUMNS", "USER_TRAIN_ROWS",
     "ITEM_TRAIN_ROWS", "USER_KEY", "FieldKind", "Entity", "FieldSpec", "LabelRule", "SplitRule",
     "TableSource", "SourceSpec", "DatasetSchema", "PreparedField", "PreparedSchema", "load_schema",
     "resolve_inside", "field_names",

@@ -8,6 +8,7 @@ file, line and column instead of silently becoming NaN.
 
 from __future__ import annotations
 
+import csv
 import io
 import logging
 import os
@@ -42,18 +43,33 @@ class RawTables:
     # line number in its file of each interaction row, for error messages
     line_of_row: np.ndarray | None = None
     interactions_file: Path | None = None
+    # the source's own name of each renamed column (user_id, item_id, timestamp), for error messages
+    source_names: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def has_users(self) -> bool:
+        return "user_id" in self.interactions.columns
+
+    def column_name(self, column: str) -> str:
+        """How the source file spells a column that was renamed to a canonical name."""
+        return self.source_names.get(column, column)
 
 
-def read_delimited(path: Path, sep: str, names: list[str] | None, encoding: str = "utf-8") -> pd.DataFrame:
+def read_delimited(path: Path, sep: str, names: list[str] | None, encoding: str = "utf-8",
+                   quote: str | None = None) -> pd.DataFrame:
     """Read a delimited text file into a DataFrame of strings.
 
     ``names`` given: the file has no header and must have exactly these columns. Otherwise the first line is
-    the header. A row with the wrong number of columns or bytes that are not valid ``encoding`` raise a
-    DataError naming the file and line.
+    the header. ``quote``: a field that starts with it is quoted (it may hold the separator, newlines and a
+    doubled quote), as ordinary CSV exports write; None reads quotes as text (MovieLens' own files). A UTF-8
+    byte-order mark is dropped. A row with the wrong number of columns or bytes that are not valid
+    ``encoding`` raise a DataError naming the file and line.
     """
     if not path.is_file():
         raise DataError(f"missing file: {path}")
     raw = path.read_bytes()
+    if encoding.lower().replace("_", "-") in ("utf-8", "utf8"):
+        encoding = "utf-8-sig"  # a byte-order mark would otherwise become part of the first column's name
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as e:
@@ -72,10 +88,17 @@ def read_delimited(path: Path, sep: str, names: list[str] | None, encoding: str 
         bad.append(row)  # an exception raised here would be swallowed by pyarrow: report after reading
         return "skip"
 
+    if quote is not None and len(given_sep) > 1:
+        raise SchemaError(f"{path}: quoting needs a one-character separator, not {given_sep!r}")
     read = pacsv.ReadOptions(column_names=names, autogenerate_column_names=False, use_threads=False)
-    parse = pacsv.ParseOptions(delimiter=sep, quote_char=False, invalid_row_handler=bad_row)
-    first = text[: text.find("\n")].rstrip("\r") if names is None else ""
-    columns = names if names is not None else first.split(sep)
+    parse = pacsv.ParseOptions(delimiter=sep, quote_char=quote or False, double_quote=True,
+                               newlines_in_values=quote is not None, invalid_row_handler=bad_row)
+    if names is None:  # the header, parsed as the data will be (quoted column names too)
+        header = next(csv.reader(io.StringIO(text), delimiter=sep, quotechar=quote or "\0",
+                                 quoting=csv.QUOTE_MINIMAL if quote else csv.QUOTE_NONE), [])
+        columns = header
+    else:
+        columns = names
     convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in columns}, strings_can_be_null=False)
     try:
         table = pacsv.read_csv(io.BytesIO(text.encode()), read_options=read, parse_options=parse,
@@ -91,17 +114,31 @@ def read_delimited(path: Path, sep: str, names: list[str] | None, encoding: str 
         raise DataError(f"{path}: no data rows")
     df = table.to_pandas()
     df.attrs["path"], df.attrs["header_lines"] = str(path), header_lines
+    df.attrs["format"] = {"sep": sep, "quote": quote, "encoding": encoding}
     return df
 
 
 def line_of(df: pd.DataFrame, row: int) -> int:
-    """The 1-based file line of DataFrame row ``row``, counting the blank lines the reader skipped.
+    """The 1-based file line of DataFrame row ``row``, counting the blank lines the reader skipped (and, in a
+    quoted file, the newlines inside quoted values).
 
     Computed only when an error is reported, by scanning the file again.
     """
     path, header = df.attrs.get("path"), df.attrs.get("header_lines", 0)
     if path is None or path.endswith(".parquet"):
         return row + 1
+    fmt = df.attrs.get("format", {})
+    if fmt.get("quote"):
+        with open(path, encoding=fmt["encoding"], newline="") as f:
+            reader = csv.reader(f, delimiter=fmt["sep"], quotechar=fmt["quote"])
+            seen, start = -header, 1
+            for record in reader:
+                if record:
+                    if seen == row:
+                        return start
+                    seen += 1
+                start = reader.line_num + 1
+        return row + header + 1
     seen = -header
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
@@ -113,6 +150,7 @@ def line_of(df: pd.DataFrame, row: int) -> int:
 
 
 def read_table(src: TableSource, base: Path, what: str) -> pd.DataFrame:
+    """A table of a generic source (CSV-like text or Parquet), every value as text."""
     path = resolve_inside(base, src.path, what)
     if path.suffix == ".parquet":
         if not path.is_file():
@@ -124,19 +162,21 @@ def read_table(src: TableSource, base: Path, what: str) -> pd.DataFrame:
     names = list(src.column_names) if not src.has_header else None
     if not src.has_header and not src.column_names:
         raise SchemaError(f"{what}: a table without a header needs 'column_names'")
-    return read_delimited(path, src.sep, names, src.encoding)
+    return read_delimited(path, src.sep, names, src.encoding, src.quote)
 
 
-def to_number(df: pd.DataFrame, column: str, what: str = "a number") -> np.ndarray:
-    """Column as float64; a value that is not a number raises a DataError with its file, line and column."""
+def to_number(df: pd.DataFrame, column: str, what: str = "a number", shown: str | None = None) -> np.ndarray:
+    """Column as float64; a value that is not a number raises a DataError with its file, line and column
+    (``shown``: the column's name in the file, where it was renamed)."""
     if column not in df.columns:
-        raise DataError(f"{df.attrs.get('path', 'table')}: missing column {column!r}; columns are {list(df.columns)}")
+        raise DataError(f"{df.attrs.get('path', 'table')}: missing column {shown or column!r}; columns are "
+                        f"{list(df.columns)}")
     values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
     bad = np.flatnonzero(np.isnan(values))
     if bad.size:
         i = int(bad[0])
         line = line_of(df, i)
-        raise DataError(f"{df.attrs.get('path', 'table')}, line {line}, column {column!r}: "
+        raise DataError(f"{df.attrs.get('path', 'table')}, line {line}, column {shown or column!r}: "
                         f"{df[column].iloc[i]!r} is not {what} ({bad.size} such rows)")
     return values
 
@@ -262,12 +302,20 @@ def _read_generic(schema: DatasetSchema, root: Path) -> RawTables:
         raise SchemaError(f"{schema.where}: source.interactions is required for format 'table'")
     w = schema.where
     inter = read_table(src.interactions, root, f"{w}: source.interactions")
-    renames = {src.user_column: "user_id", src.item_column: "item_id"}
-    require_columns(inter, [src.user_column, src.item_column])
-    has_ts = bool(src.timestamp_column) and src.timestamp_column in inter.columns
-    if has_ts:
-        renames[src.timestamp_column] = "timestamp"
-    inter = inter.rename(columns=renames)
+    names = {"item_id": src.item_column}
+    if src.user_column:  # a dataset without user ids has no user entity (and no histories)
+        names["user_id"] = src.user_column
+    if src.timestamp_column:
+        names["timestamp"] = src.timestamp_column
+    elif src.timestamp_column is None and "timestamp" in inter.columns:
+        names["timestamp"] = "timestamp"
+    missing = [f"{c!r} (source.{k})" for k, c in (("item_column", src.item_column), ("user_column", src.user_column),
+                                                  ("timestamp_column", src.timestamp_column))
+               if c and c not in inter.columns]
+    if missing:
+        raise DataError(f"{inter.attrs['path']}: the schema names column(s) {', '.join(missing)}, which the file "
+                        f"does not have; its columns are {list(inter.columns)}")
+    inter = inter.rename(columns={v: k for k, v in names.items()})
     files = [resolve_inside(root, src.interactions.path, w)]
     side = {}
     for part, key in (("users", "user_id"), ("items", "item_id")):
@@ -275,10 +323,13 @@ def _read_generic(schema: DatasetSchema, root: Path) -> RawTables:
         if t is None:
             side[part] = None
             continue
+        if key not in inter.columns:
+            raise SchemaError(f"{w}: source.{part} is given but the interactions have no {key} "
+                              f"(source.{'user' if part == 'users' else 'item'}_column is not set)")
         df = read_table(t, root, f"{w}: source.{part}")
         own_key = t.key or (src.user_column if part == "users" else src.item_column)
         require_columns(df, [own_key])
         side[part] = df.rename(columns={own_key: key})
         files.append(resolve_inside(root, t.path, w))
-    return RawTables(inter, side["users"], side["items"], has_timestamp=has_ts, files=files,
-                     interactions_file=files[0])
+    return RawTables(inter, side["users"], side["items"], has_timestamp="timestamp" in inter.columns, files=files,
+                     interactions_file=files[0], source_names=names)

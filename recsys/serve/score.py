@@ -34,9 +34,10 @@ class RequestError(ValueError):
 
 
 def check_requests(t: pa.Table, model: ExportedModel, where: str, first_row: int) -> None:
-    for f in model.schema.fields:
+    for f in (*model.schema.sparse_fields, *model.schema.dense_fields):  # text fields are not model inputs
         if f.name not in t.column_names:
-            raise RequestError(f"{where}: column {f.name!r} is missing (the model reads {[x.name for x in model.schema.fields]})")
+            raise RequestError(f"{where}: column {f.name!r} is missing (the model reads "
+                               f"{[x.name for x in (*model.schema.sparse_fields, *model.schema.dense_fields)]})")
         col = t.column(f.name)
         if f.kind is FieldKind.DENSE:
             values = col.to_numpy(zero_copy_only=False).astype(np.float64)
@@ -68,7 +69,8 @@ def score_file(model: ExportedModel, src: str | Path, out: str | Path, batch_siz
     file = pq.ParquetFile(src)
     schema = model.schema
     sparse, dense = list(schema.sparse_fields), [f.name for f in schema.dense_fields]
-    columns = [f.name for f in schema.fields] + (["label"] if "label" in file.schema_arrow.names else [])
+    columns = [f.name for f in (*sparse, *schema.dense_fields)] + (["label"] if "label" in file.schema_arrow.names
+                                                                   else [])
     logits, labels, row = [], [], 0
     with tqdm(total=file.metadata.num_rows, unit="row", desc="scoring", disable=not progress) as bar:
         for rb in file.iter_batches(batch_size=batch_size, columns=[c for c in columns if c in file.schema_arrow.names]):

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     except UnsafeCheckpointError as e:
         print(f"checkpoint refused: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a loss or validation metric that is not a number: say why, no traceback
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
     if trainer.env.is_main:
         print(results_table(result))
         print(f"run folder: {cfg.run_dir}")

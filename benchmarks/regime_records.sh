@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Every record of the per-regime instrument (issue 15), in the order they were made. Each step skips the runs
+# that already finished (runs/bench/<run>/test_metrics.json), so the script resumes where it stopped.
+#
+#   bash benchmarks/regime_records.sh            # all of it (several hours on 2 cores)
+#   bash benchmarks/regime_records.sh base       # only the base models' records
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+what=${1:-all}
+
+base() {
+  $PY -m benchmarks.quality --dataset ml-100k
+  $PY -m benchmarks.quality --dataset ml-1m
+  $PY -m benchmarks.quality --dataset ml-1m --split cold_item
+  $PY -m benchmarks.quality --dataset ml-1m --train-fraction 0.05
+}
+
+# LLaCTR and its control (seeded random field vectors) on one prepared dataset: $1 dataset, $2 split flag
+llactr() {
+  local dataset=$1 data=$2 flags=("${@:3}")
+  local fields=runs/models/$data-fields features=runs/features/$data
+  [ -f "$fields/report.json" ] || $PY -m embedding_jobs.field_finetune --dataset runs/data/$data --out "$fields" \
+    --time-budget-s 300 --no-progress
+  [ -f "$features/field/table.parquet" ] || $PY -m embedding_jobs.run --entity field --dataset runs/data/$data \
+    --model "$fields" --out "$features" --no-progress
+  [ -f "runs/features/$data-random/field/table.parquet" ] || $PY -m benchmarks.random_field_table \
+    --like "$features/field" --out "runs/features/$data-random"
+  $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 --variant llactr \
+    method.name=llactr "method.llactr.field_table=$features/field"
+  $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 --variant llactr_random \
+    method.name=llactr "method.llactr.field_table=runs/features/$data-random/field"
+  $PY -m benchmarks.compare --data "$data" --variants llactr llactr_random --backbones deepfm dcnv2 \
+    --out "compare_${data}_llactr"
+  $PY -m benchmarks.compare --data "$data" --variants llactr --reference llactr_random --backbones deepfm dcnv2 \
+    --out "compare_${data}_llactr_vs_random"
+}
+
+# ELEC (gain network, students, the no-language-model control student), and the profile-text ablation
+elec() {
+  local dataset=$1 data=$2 flags=("${@:3}")
+  $PY -m benchmarks.elec --dataset "$dataset" "${flags[@]}" --skip elec_student_alone --ablations elec_gain_profile
+  $PY -m benchmarks.compare --data "$data" --record "elec_$data" --backbones deepfm dcnv2 \
+    --variants elec_gain elec_student_score elec_student_both control_student_score --out "compare_${data}_elec"
+  $PY -m benchmarks.compare --data "$data" --record "elec_$data" --backbones deepfm dcnv2 \
+    --variants elec_student_score --reference control_student_score --out "compare_${data}_elec_vs_control"
+}
+
+case $what in
+  base) base ;;
+  llactr) llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item ;;
+  elec) elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
+  all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
+       elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
+  *) echo "usage: $0 [all|base|llactr|elec]" >&2; exit 2 ;;
+esac
