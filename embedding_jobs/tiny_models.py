@@ -34,6 +34,20 @@ def save_tiny_encoder(folder: Path, *, layers: int = 2, hidden: int = 64, heads:
     return folder
 
 
+def save_tiny_masked_lm(folder: Path, *, layers: int = 2, hidden: int = 64, heads: int = 2, seed: int = 0) -> Path:
+    """A random BERT masked language model (its MLM head saved too) with the packaged MiniLM's tokenizer."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=2 * hidden, max_position_embeddings=512)
+    folder.mkdir(parents=True, exist_ok=True)
+    BertForMaskedLM(config).save_pretrained(folder)
+    for name in _MINILM_TOKENIZER:
+        shutil.copy(packaged_minilm() / name, folder / name)
+    return folder
+
+
 def save_tiny_decoder(folder: Path, corpus: Sequence[str], *, layers: int = 2, hidden: int = 128, heads: int = 2,
                       vocab_size: int = 2000, seed: int = 0) -> Path:
     """A random Qwen2 decoder with a byte-level BPE tokenizer trained on ``corpus``.

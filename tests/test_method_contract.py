@@ -18,6 +18,7 @@ from synthetic_tables import random_method_tables
 from recsys.data.schema import PreparedSchema
 from recsys.experiment import build_trainer, load_config
 from recsys.methods import METHODS
+from recsys.methods.registry import exportable
 from recsys.models import BACKBONES
 from recsys.train.config import ConfigError
 from recsys.train.distributed import init_distributed
@@ -34,6 +35,8 @@ UPSTREAM = {
     "elec_gain": lambda t, runs, b: [f"method.elec.user_table={t['user']}", f"method.elec.item_table={t['item']}"],
     "elec_student": lambda t, runs, b: [f"method.elec.teacher_run={runs / f'{b}_elec_gain'}",
                                         "method.elec.rep_weight=1"],
+    "clickprompt": lambda t, runs, b: [f"method.clickprompt.tokens={t['tokens']}", f"method.clickprompt.plm={t['plm']}",
+                                       "method.clickprompt.prompt_length=2", "method.clickprompt.warmup=false"],
 }
 ORDER = sorted(METHODS, key=lambda m: m == "elec_student")  # a student's teacher run is trained first
 
@@ -48,13 +51,29 @@ def test_every_method_has_a_contract_fixture():
     assert set(UPSTREAM) == set(METHODS), f"add an UPSTREAM entry for {sorted(set(METHODS) - set(UPSTREAM))}"
 
 
+@pytest.fixture(scope="module")
+def inputs(tiny_prepared, tmp_path_factory) -> dict[str, Path]:
+    """What the methods read upstream, made once for the tiny dataset: feature tables, a tiny masked LM and
+    the row tokens of its tokenizer."""
+    from embedding_jobs.row_tokens import run as make_row_tokens
+    from embedding_jobs.tiny_models import save_tiny_masked_lm
+
+    _, data, _ = tiny_prepared
+    root = tmp_path_factory.mktemp("inputs")
+    made = random_method_tables(root / "tables", PreparedSchema.load(data))
+    made["plm"] = save_tiny_masked_lm(root / "plm", hidden=32)
+    made["tokens"] = root / "tokens"
+    make_row_tokens(data, made["tokens"], made["plm"], max_length=64, history_values=2, progress=False)
+    return made
+
+
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
-def test_every_method_trains_evaluates_and_exports(tiny_prepared, tmp_path, backbone):
+def test_every_method_trains_evaluates_and_exports(tiny_prepared, inputs, tmp_path, backbone):
     from recsys.serve.artifact import export_run, load_exported
     from recsys.serve.score import score_file
 
     _, data, _ = tiny_prepared
-    tables = random_method_tables(tmp_path / "tables", PreparedSchema.load(data))
+    tables = inputs
     for method in ORDER:
         name = f"{backbone}_{method}"
         cfg = _cfg(data, tmp_path, name, f"model.backbone={backbone}", f"method.name={method}",
@@ -64,7 +83,7 @@ def test_every_method_trains_evaluates_and_exports(tiny_prepared, tmp_path, back
         assert set(step) >= {"loss", "weights"} and torch.isfinite(step["loss"])
         result = trainer.fit()
         assert 0.0 <= result["test_auc"] <= 1.0 and result["method"] == method, name
-        if METHODS[method].exports:
+        if exportable(cfg):
             export = export_run(tmp_path / name, tmp_path / "export" / name)
             scored = score_file(load_exported(export), data / "test.parquet", tmp_path / f"{name}.parquet",
                                 progress=False)

@@ -71,7 +71,9 @@ class MethodSpec:
     config: type | None = None  # the section's dataclass
     check: Callable[[ExperimentConfig, PreparedSchema | None], None] = _no_check  # raises ConfigError
     needs: Callable[[ExperimentConfig], list[Upstream]] = _no_needs
-    exports: bool = False  # the served logit is task.model's own: recsys.serve exports that backbone alone
+    # the served logit is task.model's own, so recsys.serve exports that backbone alone (a callable: it depends
+    # on the options, e.g. whether the language model stays in the served model)
+    exports: bool | Callable[[ExperimentConfig], bool] = False
     tags: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,6 +91,12 @@ def register(spec: MethodSpec) -> MethodSpec:
                              "with different option classes")
     METHODS[spec.name] = spec
     return spec
+
+
+def exportable(cfg: ExperimentConfig) -> bool:
+    """Whether a run of ``cfg`` serves a bare backbone."""
+    e = get_method(cfg.method.name).exports
+    return e(cfg) if callable(e) else e
 
 
 def get_method(name: str) -> MethodSpec:

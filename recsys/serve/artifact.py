@@ -52,13 +52,15 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -
     if out.exists() and not (out / "export.json").is_file() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an exported model: refusing to replace it")
     from recsys.experiment import load_config
-    from recsys.methods import METHODS, get_method
+    from recsys.methods import METHODS
+    from recsys.methods.registry import exportable
 
     cfg = load_config(run_dir / "config.yaml")
-    if not get_method(cfg.method.name).exports:
-        exportable = sorted(n for n, s in METHODS.items() if s.exports)
+    if not exportable(cfg):
+        names = sorted(n for n, s in METHODS.items() if s.exports)
         raise ConfigError(f"{run_dir} trained method {cfg.method.name!r}, whose served model is more than a "
-                          f"backbone; only {exportable} export as a bare backbone (a network that needs feature "
+                          f"backbone; only {names} export as a bare backbone, given options that keep their served "
+                          "logit the backbone's (a network that needs feature "
                           "tables or a language model at serving time is distilled into one first, e.g. "
                           "elec_gain into elec_student)")
     schema = PreparedSchema.load(cfg.data.path)

@@ -79,6 +79,8 @@ class TrainConfig:
     resume: bool = True  # continue from the run folder's last complete checkpoint
     progress: bool = True
     stage_epochs: dict[str, int] = field(default_factory=dict)  # epochs of named stages, e.g. {pretrain: 3}
+    # at most this many steps per epoch of named stages (a row budget: steps x batch size), e.g. {pretrain: 200}
+    stage_steps: dict[str, int] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------------------

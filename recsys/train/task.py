@@ -107,9 +107,11 @@ class Task(nn.Module):
     stages: tuple[Stage, ...] = (CTR_STAGE,)
     extra_columns: tuple[str, ...] = ()  # columns of the split the loader puts into Batch.extras
 
-    def __init__(self, model: Backbone) -> None:
+    def __init__(self, model: Backbone, stages: tuple[Stage, ...] | None = None) -> None:
         super().__init__()
         self.model = model
+        if stages is not None:  # stages that depend on the options (e.g. an optional pre-training stage)
+            self.stages = stages
         self.stage = self.stages[0]
 
     # ---- hooks ---------------------------------------------------------------------------------

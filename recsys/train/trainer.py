@@ -80,8 +80,9 @@ def check_run_config(cfg: RunConfig, env: DistEnv) -> None:
         if size <= 0 or size % env.world_size:
             raise ConfigError(f"data.{name}={size} is the global batch and must split evenly over "
                               f"{env.world_size} ranks; use a multiple of {env.world_size}")
-    if cfg.train.epochs < 1 or cfg.train.patience < 1 or any(n < 1 for n in cfg.train.stage_epochs.values()):
-        raise ConfigError("train.epochs, train.stage_epochs and train.patience must be >= 1")
+    if cfg.train.epochs < 1 or cfg.train.patience < 1 or any(
+            n < 1 for n in (*cfg.train.stage_epochs.values(), *cfg.train.stage_steps.values())):
+        raise ConfigError("train.epochs, train.stage_epochs, train.stage_steps and train.patience must be >= 1")
     if cfg.data.min_count < 1:
         raise ConfigError(f"data.min_count={cfg.data.min_count}: must be >= 1 (1: only ids never seen in training "
                           "read the unknown id's row)")
@@ -150,9 +151,10 @@ class Trainer:
         names = [s.name for s in task.stages]
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"{type(task).__name__} must declare uniquely named stages, got {names}")
-        unknown = sorted(set(cfg.train.stage_epochs) - set(names))
-        if unknown:
-            raise ConfigError(f"train.stage_epochs names unknown stage(s) {unknown}; this task's stages: {names}")
+        for key in ("stage_epochs", "stage_steps"):
+            unknown = sorted(set(getattr(cfg.train, key)) - set(names))
+            if unknown:
+                raise ConfigError(f"train.{key} names unknown stage(s) {unknown}; this task's stages: {names}")
         self.run_dir = cfg.run_dir
         self.checkpointers = {s.name: Checkpointer(self.stage_dir(s) / "checkpoints", env.is_main)
                               for s in task.stages}
@@ -249,8 +251,12 @@ class Trainer:
                 _, out = self.model(batch)
             yield out
 
+    def _step_limit(self) -> int | None:
+        """At most this many steps per epoch of the current stage (train.stage_steps, else max_steps_per_epoch)."""
+        return self.cfg.train.stage_steps.get(self.stage.name, self.cfg.train.max_steps_per_epoch)
+
     def _steps_per_epoch(self) -> int:
-        limit = self.cfg.train.max_steps_per_epoch
+        limit = self._step_limit()
         return min(len(self.train_batches), limit) if limit else len(self.train_batches)
 
     def train_epoch(self, epoch: int, state: RunState) -> tuple[float, float]:
@@ -258,7 +264,7 @@ class Trainer:
         seed_everything(self.cfg.train.seed * 1000 + epoch * 10 + self.env.rank)  # dropout masks, per epoch
         self.train_batches.set_epoch(epoch)
         total = self._steps_per_epoch()
-        limit = self.cfg.train.max_steps_per_epoch
+        limit = self._step_limit()
         it = iter(self.train_batches)
         if limit:
             it = (b for _, b in zip(range(limit), it, strict=False))

@@ -1,0 +1,161 @@
+"""ClickPrompt: row tokens, prompt shapes, BERT masking, PA-MLM through the one trainer, the two fine-tuning
+modes, the language-model-free export of mode (b), and resuming a pre-training stage."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from embedding_jobs.row_tokens import run as make_row_tokens
+from embedding_jobs.tiny_models import save_tiny_masked_lm
+from recsys.data.schema import PreparedSchema
+from recsys.experiment import build_task, build_trainer, load_config
+from recsys.methods.clickprompt import IGNORE, PromptedMLM, bert_mask
+from recsys.train.config import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_prepared, tmp_path_factory):
+    """A tiny masked LM (with its head) and the tiny dataset's row tokens made with its tokenizer."""
+    _, data, _ = tiny_prepared
+    root = tmp_path_factory.mktemp("clickprompt")
+    plm = save_tiny_masked_lm(root / "plm")
+    make_row_tokens(data, root / "tokens", plm, max_length=64, history_values=2, progress=False)
+    return data, plm, root / "tokens"
+
+
+def _cfg(setup, out: Path, name: str, *overrides: str):
+    data, plm, tokens = setup
+    return load_config(None, [f"data.path={data}", f"train.out_dir={out}", f"name={name}", "data.batch_size=16",
+                              "data.eval_batch_size=32", "model.embedding_dim=8", "model.backbone=dcnv2",
+                              "train.progress=false", "train.epochs=2", "train.patience=5", "method.name=clickprompt",
+                              f"method.clickprompt.tokens={tokens}", f"method.clickprompt.plm={plm}",
+                              "method.clickprompt.prompt_length=3", "method.clickprompt.warmup=false",
+                              "optim.groups={plm: {lr: 0.01}}", *overrides])
+
+
+def test_row_tokens_are_aligned_with_the_splits(setup):
+    data, _, tokens = setup
+    meta = json.loads((tokens / "meta.json").read_text())
+    assert meta["dataset_fingerprint"] == PreparedSchema.load(data).fingerprint
+    for split in ("train", "valid", "test"):
+        a, b = pq.ParquetFile(data / f"{split}.parquet"), pq.ParquetFile(tokens / f"{split}.parquet")
+        assert [a.metadata.row_group(g).num_rows for g in range(a.metadata.num_row_groups)] == \
+               [b.metadata.row_group(g).num_rows for g in range(b.metadata.num_row_groups)]
+        assert meta["splits"][split]["rows"] == a.metadata.num_rows
+
+
+@pytest.mark.parametrize("kind", ["prefix", "prompt"])
+def test_prompts_have_a_shape_for_every_layer(setup, kind):
+    from transformers import BertForMaskedLM
+
+    _, plm_folder, _ = setup
+    cfg = _cfg(setup, Path("/tmp"), "x", f"method.clickprompt.prompt={kind}").method.clickprompt
+    mlm = BertForMaskedLM.from_pretrained(plm_folder)
+    plm = PromptedMLM(mlm, rep_dim=12, cfg=cfg, special_ids=[101, 102, 0], mask_id=103, pad_id=0)
+    rep = torch.randn(4, 12)
+    if kind == "prefix":
+        kv = plm.generator(rep).view(4, plm.layers, 2, plm.heads, plm.length, plm.head_dim)
+        assert kv.shape == (4, 2, 2, 2, 3, 32)  # batch, layers, key/value, heads, prompt length, head size
+    else:
+        assert len(plm.generator) == 3 and plm.generator[0](rep).shape == (4, 64)
+    ids = torch.randint(1000, 2000, (4, 9))
+    hidden = plm._encode(rep, ids, torch.ones(4, 9, dtype=torch.bool))
+    assert hidden.shape == (4, 9, 64)  # the text's positions only, prompts in front of them
+    assert not torch.allclose(hidden, plm._encode(None, ids, torch.ones(4, 9, dtype=torch.bool)), atol=1e-4)
+
+
+def test_masking_spares_special_tokens_and_masks_about_15_percent():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 30000, (512, 64), generator=g)
+    ids[:, 0], ids[:, 40] = 101, 102  # [CLS] and [SEP]
+    attention = (torch.arange(64).unsqueeze(0) <= 40).expand(512, 64)
+    special = torch.isin(ids, torch.tensor([101, 102, 0]))
+    masked, labels = bert_mask(ids, attention, special, 103, 30522, 0.15, g)
+    chosen = labels != IGNORE
+    assert not chosen[special].any() and not chosen[~attention].any()
+    assert torch.equal(masked[~chosen], ids[~chosen])
+    share = chosen.sum() / (attention & ~special).sum()
+    assert 0.14 < share < 0.16
+    became = masked[chosen]
+    assert 0.77 < (became == 103).float().mean() < 0.83  # 80% [MASK]
+    assert 0.08 < (became == ids[chosen]).float().mean() < 0.12  # 10% unchanged (and a few random hits)
+
+
+def test_mlm_gradients_reach_the_ctr_embeddings_through_the_prompts(setup):
+    from recsys.data.loader import ParquetBatches
+    from recsys.methods.clickprompt import PRETRAIN
+
+    data, _, _ = setup
+    cfg = _cfg(setup, Path("/tmp"), "x")
+    task = build_task(PreparedSchema.load(data), cfg, device=torch.device("cpu"))
+    task.set_stage(PRETRAIN)
+    batch = next(iter(ParquetBatches(data, "train", PreparedSchema.load(data), 16,
+                                     side_files=task.side_files("train"))))
+    loss, step = task(batch)
+    loss.backward()
+    table = task.model.sparse_arch.ebc.embedding_bags["t_item_id"].weight
+    assert step["tokens"] > 0 and table.grad is not None and table.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("finetune", ["ctr", "joint"])
+def test_pa_mlm_then_fine_tuning_through_the_trainer(setup, tmp_path, finetune):
+    cfg = _cfg(setup, tmp_path, "cp", f"method.clickprompt.finetune={finetune}", "train.stage_epochs={pretrain: 3}")
+    result = build_trainer(cfg).fit()
+    history = json.loads((tmp_path / "cp" / "stages" / "pretrain" / "metrics.json").read_text())["history"]
+    assert history[-1]["valid_mlm_loss"] < history[0]["valid_mlm_loss"]  # PA-MLM learns
+    assert 0 <= result["test_auc"] <= 1
+    if finetune == "joint":
+        with pytest.raises(ConfigError, match="export as a bare backbone"):
+            from recsys.serve.artifact import export_run
+
+            export_run(tmp_path / "cp", tmp_path / "export")
+
+
+def test_mode_b_exports_and_scores_without_transformers(setup, tmp_path):
+    from recsys.serve.artifact import export_run
+
+    cfg = _cfg(setup, tmp_path, "cp", "train.epochs=1")
+    result = build_trainer(cfg).fit()
+    export_run(tmp_path / "cp", tmp_path / "export")
+    data, _, _ = setup
+    code = ("import sys, builtins, json\n"
+            "real = builtins.__import__\n"
+            "def guard(name, *a, **k):\n"
+            "    if name.split('.')[0] in ('transformers', 'vllm', 'embedding_jobs'):\n"
+            "        raise ImportError('blocked: ' + name)\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = guard\n"
+            "from recsys.serve.artifact import load_exported\n"
+            "from recsys.serve.score import score_file\n"
+            f"r = score_file(load_exported({str(tmp_path / 'export')!r}), {str(data / 'test.parquet')!r}, "
+            f"{str(tmp_path / 's.parquet')!r}, progress=False)\n"
+            "print(json.dumps({'auc': r['auc']}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert abs(json.loads(out.stdout.strip().splitlines()[-1])["auc"] - result["test_auc"]) <= 1e-6
+
+
+def test_a_model_without_an_mlm_head_needs_the_warm_up(setup, tmp_path):
+    from embedding_jobs.tiny_models import save_tiny_encoder
+
+    headless = save_tiny_encoder(tmp_path / "headless", hidden=64)
+    with pytest.raises(ConfigError, match="has no trained MLM head"):
+        build_trainer(_cfg(setup, tmp_path, "cp", f"method.clickprompt.plm={headless}"))
+
+
+def test_bad_options_and_foreign_tokens_are_refused(setup, tmp_path):
+    with pytest.raises(ConfigError, match="prompt_length=0"):
+        build_trainer(_cfg(setup, tmp_path, "cp", "method.clickprompt.prompt_length=0"))
+    with pytest.raises(ConfigError, match="row tokens made with the tokenizer of"):
+        from embedding_jobs.tiny_models import save_tiny_decoder
+
+        other = save_tiny_decoder(tmp_path / "dec", corpus=["a b c"] * 10, vocab_size=300)
+        build_trainer(_cfg(setup, tmp_path, "cp", f"method.clickprompt.plm={other}"))
