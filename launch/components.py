@@ -1,6 +1,7 @@
 """TorchX components: one typed function per job, each returning an AppDef.
 
-Every job is a plain ``python -m`` entry point; these functions only say how to launch it. The same
+Every job is a plain ``python -m`` entry point; these functions only say how to launch it. A method's
+training (ClickPrompt's stages included) is ``train_local`` / ``train_cluster`` with its overrides. The same
 component runs on this machine or on a cluster by changing the scheduler::
 
     torchx run -s local_cwd launch/components.py:prepare --dataset ml-100k --out runs/data/ml-100k
@@ -197,6 +198,33 @@ def embed(
             "--engine", engine, "--shard", specs.macros.replica_id, "--num-shards", str(replicas)]
     args += ["--model", model] if model else []
     return _python_job(f"llmctr-embed-{entity}", "embed", args, image, cpu, gpu, memMB, replicas)
+
+
+def row_tokens(
+    dataset: str,
+    out: str,
+    model: str = "",
+    max_length: int = 128,
+    image: str = LOCAL_IMAGE,
+    cpu: int = 2,
+    memMB: int = 8192,
+) -> specs.AppDef:
+    """Tokenise every row of a prepared dataset once, for a language model that reads rows (ClickPrompt).
+
+    Args:
+        dataset: prepared dataset folder
+        out: folder of the token files (one per split, aligned with it)
+        model: the language model's local folder (its tokenizer; default: the packaged MiniLM)
+        max_length: tokens per row (longer rows are cut and counted)
+        image: container image (not used by local_cwd)
+        cpu: CPU cores
+        memMB: memory in MB
+    """
+    _require_prepared(dataset, image)
+    args = ["-m", "embedding_jobs.row_tokens", "--dataset", dataset, "--out", out, "--max-length", str(max_length),
+            "--no-progress"]
+    args += ["--model", model] if model else []
+    return _python_job("llmctr-row-tokens", "tokens", args, image, cpu, 0, memMB)
 
 
 def finetune_fields(

@@ -159,3 +159,26 @@ def test_bad_options_and_foreign_tokens_are_refused(setup, tmp_path):
 
         other = save_tiny_decoder(tmp_path / "dec", corpus=["a b c"] * 10, vocab_size=300)
         build_trainer(_cfg(setup, tmp_path, "cp", f"method.clickprompt.plm={other}"))
+
+
+def test_a_killed_pre_training_resumes_where_it_stopped(setup, tmp_path, monkeypatch):
+    from recsys.train.trainer import Trainer
+
+    straight = build_trainer(_cfg(setup, tmp_path / "a", "cp")).fit()
+    written, count = Trainer._write_progress, {"n": 0}
+
+    def stop_after_first_epoch(self, stage, state):
+        written(self, stage, state)
+        count["n"] += 1
+        if count["n"] == 1:
+            raise KeyboardInterrupt  # as a kill after the first pre-training epoch's checkpoint
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_write_progress", stop_after_first_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            build_trainer(_cfg(setup, tmp_path / "b", "cp")).fit()
+    resumed = build_trainer(_cfg(setup, tmp_path / "b", "cp")).fit()
+    assert resumed["test_auc"] == straight["test_auc"] and resumed["test_logloss"] == straight["test_logloss"]
+    a, b = (json.loads((tmp_path / x / "cp" / "stages" / "pretrain" / "metrics.json").read_text())["history"]
+            for x in ("a", "b"))
+    assert [h["valid_mlm_loss"] for h in a] == [h["valid_mlm_loss"] for h in b]

@@ -89,6 +89,13 @@ def test_prepare_and_embed_appdefs(ml100k):
         components.embed("user", "/nowhere", "out")
 
 
+def test_row_tokens_appdef(ml100k):
+    (role,) = components.row_tokens(str(ml100k), "out/tokens", max_length=96).roles
+    assert role.args[:2] == ["-m", "embedding_jobs.row_tokens"] and "96" in role.args
+    with pytest.raises(ValueError, match="not a prepared dataset"):
+        components.row_tokens("/nowhere", "out")
+
+
 @pytest.mark.parametrize("scheduler, expected", [("kubernetes", "kind: Job"), ("slurm", "srun")])
 def test_cluster_dryrun(ml100k, scheduler, expected):
     proc = _torchx("run", "-s", scheduler, "--dryrun", "--workspace", "", "launch/components.py:train_cluster",
