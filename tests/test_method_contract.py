@@ -221,3 +221,13 @@ def test_two_ranks_run_both_stages(tiny_prepared, tmp_path):
     plan = (tmp_path / "staged" / "plan.txt").read_text()
     assert "t_item_id" in plan and "[1]" in plan
     assert (tmp_path / "staged" / "stages" / "pretrain" / "stage.json").is_file()
+
+
+def test_a_stage_can_take_its_own_batch_size_and_validation_budget(tiny_prepared, tmp_path):
+    _, data, _ = tiny_prepared
+    trainer = _staged(data, tmp_path, "train.stage_batch_size={pretrain: 8}", "train.stage_eval_steps={pretrain: 1}")
+    assert trainer.train_batches.batch_size == 8
+    trainer.fit()
+    assert trainer.train_batches.batch_size == 16  # the CTR stage: data.batch_size
+    with pytest.raises(ConfigError, match="final stage"):
+        _staged(data, tmp_path / "x", "train.stage_eval_steps={ctr: 1}")

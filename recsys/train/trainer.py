@@ -80,9 +80,14 @@ def check_run_config(cfg: RunConfig, env: DistEnv) -> None:
         if size <= 0 or size % env.world_size:
             raise ConfigError(f"data.{name}={size} is the global batch and must split evenly over "
                               f"{env.world_size} ranks; use a multiple of {env.world_size}")
-    if cfg.train.epochs < 1 or cfg.train.patience < 1 or any(
-            n < 1 for n in (*cfg.train.stage_epochs.values(), *cfg.train.stage_steps.values())):
-        raise ConfigError("train.epochs, train.stage_epochs, train.stage_steps and train.patience must be >= 1")
+    t = cfg.train
+    if t.epochs < 1 or t.patience < 1 or any(
+            n < 1 for n in (*t.stage_epochs.values(), *t.stage_steps.values(), *t.stage_eval_steps.values())):
+        raise ConfigError("train.epochs, train.patience and the train.stage_* values must be >= 1")
+    for stage, size in t.stage_batch_size.items():
+        if size <= 0 or size % env.world_size:
+            raise ConfigError(f"train.stage_batch_size.{stage}={size} must be a positive multiple of "
+                              f"{env.world_size} (the ranks)")
     if cfg.data.min_count < 1:
         raise ConfigError(f"data.min_count={cfg.data.min_count}: must be >= 1 (1: only ids never seen in training "
                           "read the unknown id's row)")
@@ -151,10 +156,13 @@ class Trainer:
         names = [s.name for s in task.stages]
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"{type(task).__name__} must declare uniquely named stages, got {names}")
-        for key in ("stage_epochs", "stage_steps"):
+        for key in ("stage_epochs", "stage_steps", "stage_eval_steps", "stage_batch_size"):
             unknown = sorted(set(getattr(cfg.train, key)) - set(names))
             if unknown:
                 raise ConfigError(f"train.{key} names unknown stage(s) {unknown}; this task's stages: {names}")
+        if names[-1] in cfg.train.stage_eval_steps:
+            raise ConfigError(f"train.stage_eval_steps: the final stage ({names[-1]}) is tested and selected on whole "
+                              "splits; only earlier stages can validate on part of one")
         self.run_dir = cfg.run_dir
         self.checkpointers = {s.name: Checkpointer(self.stage_dir(s) / "checkpoints", env.is_main)
                               for s in task.stages}
@@ -172,14 +180,10 @@ class Trainer:
             for prefix, path in task.warm_start().items():
                 n = load_part(path, self.model, target_prefix=prefix)
                 self._log(f"loaded {n} tensors of {prefix.rstrip('.')} from {path}")
-        d = cfg.data
-        self.lookup = embedding_lookup(d.path, schema, d.min_count)
-        self.train_batches = ParquetBatches(d.path, "train", schema, self.per_rank_batch, env.rank,
-                                            env.world_size, shuffle=True, seed=cfg.train.seed,
-                                            window_row_groups=d.window_row_groups, extra_columns=task.extra_columns,
-                                            side_files=task.side_files("train"), lookup=self.lookup)
-        self.eval_per_rank = d.eval_batch_size // env.world_size
+        self.lookup = embedding_lookup(cfg.data.path, schema, cfg.data.min_count)
+        self.eval_per_rank = cfg.data.eval_batch_size // env.world_size
         self.stage = task.stages[0]
+        self.train_batches = self._train_batches(self.stage)
         task.set_stage(self.stage)
         self._build_optimizer()
         self.pipeline = (TrainPipelineSparseDist(self.model, self.optimizer, env.device)
@@ -189,6 +193,14 @@ class Trainer:
     def stage_dir(self, stage: Stage) -> Path:
         """The final stage's files are the run's own (exports and teachers read checkpoints/best there)."""
         return self.run_dir if stage is self.task.stages[-1] else self.run_dir / "stages" / stage.name
+
+    def _train_batches(self, stage: Stage) -> ParquetBatches:
+        d = self.cfg.data
+        per_rank = self.cfg.train.stage_batch_size.get(stage.name, d.batch_size) // self.env.world_size
+        return ParquetBatches(d.path, "train", self.schema, per_rank, self.env.rank, self.env.world_size,
+                              shuffle=True, seed=self.cfg.train.seed, window_row_groups=d.window_row_groups,
+                              extra_columns=self.task.extra_columns, side_files=self.task.side_files("train"),
+                              lookup=self.lookup)
 
     def stage_epochs(self, stage: Stage) -> int:
         return self.cfg.train.stage_epochs.get(stage.name, self.cfg.train.epochs)
@@ -304,8 +316,13 @@ class Trainer:
         batches = ParquetBatches(self.cfg.data.path, split, self.schema, self.eval_per_rank, self.env.rank,
                                  self.env.world_size, extra_columns=self.task.extra_columns,
                                  side_files=self.task.side_files(split), lookup=self.lookup)
-        evaluator = self.task.evaluator(stage or self.stage, batches.path)
-        for out in self._steps(iter(batches)):
+        stage = stage or self.stage
+        evaluator = self.task.evaluator(stage, batches.path)
+        it = iter(batches)
+        limit = self.cfg.train.stage_eval_steps.get(stage.name)
+        if limit:  # every rank takes the same number of batches
+            it = (b for _, b in zip(range(limit), it, strict=False))
+        for out in self._steps(it):
             evaluator.update(out)
         return evaluator.compute()
 
@@ -329,6 +346,7 @@ class Trainer:
             self.pipeline = None
         self.stage = stage
         self.task.set_stage(stage)
+        self.train_batches = self._train_batches(stage)
         self._build_optimizer()
         if self.cfg.train.pipeline:
             self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.env.device)

@@ -1,0 +1,191 @@
+"""ClickPrompt on real data: base, mode (b) (the CTR model alone, after warm-up and PA-MLM), mode (a) (CTR
+model and language model together), per regime over seeds, and whether the prompts carry information.
+
+    python -m benchmarks.clickprompt --dataset ml-100k --backbones deepfm dcnv2 autoint --seeds 1 2 3
+    python -m benchmarks.clickprompt --dataset ml-100k --joint-seeds 1        # mode (a): one seed, on a budget
+
+Steps, each skipped when its output exists (rerun to resume):
+
+1. tokenise every row once for the packaged MiniLM (``embedding_jobs.row_tokens``);
+2. per backbone and seed (``benchmarks.quality``'s runs, config benchmarks/configs/<dataset>.yaml):
+   ``base`` (shared with the quality records; it is also the control "(b) without PA-MLM": the same CTR model
+   trained plainly), ``clickprompt_b`` and, for ``--joint-seeds``, ``clickprompt_a``;
+3. the prompt probe on each (b) run's pre-trained weights: masked-LM loss and accuracy on the validation rows
+   (the same masks) of the PLM alone, with prompts from the pre-trained CTR model, and with prompts from a
+   randomly initialised CTR model. If the prompts carry the row's ID view, the second beats the third.
+
+On these 2 cores a pass of MiniLM over every training row does not fit, so pre-training runs on a row budget
+(``--warmup-steps``, ``--pretrain-steps`` of ``--mlm-batch`` rows per epoch; the record states them); mode (a)
+fine-tunes on ``--joint-steps`` batches per epoch (every other variant on the whole training split) and, as
+every variant, is selected and tested on the whole validation and test splits.
+Results: benchmarks/results/clickprompt_<data>.{md,json,png}; pair them with
+``python -m benchmarks.compare --data <data> --record clickprompt_<data> --variants clickprompt_b ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import REPO, RESULTS, environment, fmt, mean_std, python, write_json
+from benchmarks.quality import data_name, per_seed, prepare_data, regime_table, run_name, run_one
+
+
+def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
+    # the language-model stages take small batches; the CTR stage keeps the benchmark config's batch size
+    method = ["method.name=clickprompt", f"method.clickprompt.tokens={tokens}",
+              f"train.stage_batch_size={{warmup: {args.mlm_batch}, pretrain: {args.mlm_batch}}}",
+              f"train.stage_steps={{warmup: {args.warmup_steps}, pretrain: {args.pretrain_steps}}}",
+              f"train.stage_epochs={{warmup: {args.mlm_epochs}, pretrain: {args.mlm_epochs}}}",
+              f"train.stage_eval_steps={{warmup: {args.mlm_eval_steps}, pretrain: {args.mlm_eval_steps}}}"]
+    return {
+        "clickprompt_b": [*method, "method.clickprompt.finetune=ctr"],
+        "clickprompt_a": [*method, "method.clickprompt.finetune=joint",
+                          f"train.stage_steps={{warmup: {args.warmup_steps}, pretrain: {args.pretrain_steps}, "
+                          f"ctr: {args.joint_steps}}}"],
+    }
+
+
+@torch.no_grad()
+def prompt_probe(run: Path, batches: int) -> dict[str, float]:
+    """Masked-LM loss and accuracy of a run's pre-trained weights on validation rows, with the same masks:
+    no prompts, prompts from the pre-trained CTR model, prompts from a randomly initialised CTR model."""
+    from recsys.data.loader import ParquetBatches, embedding_lookup
+    from recsys.data.schema import PreparedSchema
+    from recsys.experiment import build_task, load_config
+    from recsys.methods.clickprompt import PRETRAIN
+    from recsys.train.checkpoint import load_part
+
+    cfg = load_config(run / "config.yaml")
+    schema = PreparedSchema.load(cfg.data.path)
+    task = build_task(schema, cfg, device=torch.device("cpu"))
+    load_part(run / "stages" / "pretrain" / "checkpoints" / "best", task)
+    torch.manual_seed(12345)
+    random_ctr = build_task(schema, cfg, device=torch.device("cpu")).model  # fresh CTR weights, same shapes
+    task.eval()
+    random_ctr.eval()
+    task.set_stage(PRETRAIN)
+    loader = ParquetBatches(cfg.data.path, "valid", schema, 64, side_files=task.side_files("valid"),
+                            lookup=embedding_lookup(cfg.data.path, schema, cfg.data.min_count))
+    sums = {k: [0.0, 0.0, 0.0] for k in ("no prompts", "pre-trained CTR model", "random CTR model")}
+    reps = {"no prompts": lambda b: None, "pre-trained CTR model": lambda b: task.model(b).representation,
+            "random CTR model": lambda b: random_ctr(b).representation}
+    for name, rep_of in reps.items():
+        task.plm.reset_eval_masks()
+        for _, batch in zip(range(batches), loader, strict=False):
+            loss_sum, tokens, correct = task.plm("mlm", rep_of(batch), batch.extras["input_ids"],
+                                                 batch.extras["length"], batch.weights)
+            sums[name][0] += float(loss_sum)
+            sums[name][1] += float(tokens)
+            sums[name][2] += float(correct)
+    return {k: {"mlm_loss": v[0] / v[1], "mlm_accuracy": v[2] / v[1], "tokens": int(v[1])} for k, v in sums.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], required=True)
+    p.add_argument("--split", choices=["cold_item", "cold_user"], default=None)
+    p.add_argument("--backbones", nargs="+", default=["deepfm", "dcnv2", "autoint"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--joint-seeds", nargs="*", type=int, default=[1], help="seeds of mode (a) (costly on CPU)")
+    p.add_argument("--joint-backbones", nargs="*", default=["deepfm"])
+    p.add_argument("--mlm-batch", type=int, default=64, help="rows per step in the language-model stages")
+    p.add_argument("--warmup-steps", type=int, default=60, help="steps per warm-up epoch")
+    p.add_argument("--pretrain-steps", type=int, default=120, help="steps per PA-MLM epoch")
+    p.add_argument("--mlm-epochs", type=int, default=2, help="epochs of each language-model stage")
+    p.add_argument("--mlm-eval-steps", type=int, default=20, help="validation batches of the language-model stages")
+    p.add_argument("--joint-steps", type=int, default=150, help="mode (a): steps per fine-tuning epoch")
+    p.add_argument("--probe-batches", type=int, default=30)
+    args = p.parse_args()
+    data = data_name(args.dataset, args.split)
+    prepare_data(args.dataset, args.split)
+    tokens = REPO / "runs" / "features" / data / "row_tokens"
+    if not (tokens / "meta.json").is_file() or len(json.loads((tokens / "meta.json").read_text())["splits"]) < 3:
+        subprocess.run([python(), "-m", "embedding_jobs.row_tokens", "--dataset", f"runs/data/{data}", "--out",
+                        str(tokens), "--no-progress"], cwd=REPO, check=True)
+    todo = variants(tokens, args)
+    results: dict[str, dict[str, list[dict]]] = {}
+    probes: dict[str, dict] = {}
+    for backbone in args.backbones:
+        results[backbone] = {"base": [run_one(args.dataset, data, backbone, s, [], "base") for s in args.seeds]}
+        results[backbone]["clickprompt_b"] = [run_one(args.dataset, data, backbone, s, todo["clickprompt_b"],
+                                                      "clickprompt_b") for s in args.seeds]
+        print(f"{backbone:<8} base {fmt([r['test_auc'] for r in results[backbone]['base']])}  (b) "
+              f"{fmt([r['test_auc'] for r in results[backbone]['clickprompt_b']])}", flush=True)
+        if backbone in args.joint_backbones and args.joint_seeds:
+            results[backbone]["clickprompt_a"] = [run_one(args.dataset, data, backbone, s, todo["clickprompt_a"],
+                                                          "clickprompt_a") for s in args.joint_seeds]
+        run = REPO / "runs" / "bench" / run_name(data, backbone, args.seeds[0], "clickprompt_b")
+        probes[backbone] = prompt_probe(run, args.probe_batches)
+    report(args, data, results, probes, tokens)
+    return 0
+
+
+def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tokens: Path) -> None:
+    meta = json.loads((tokens / "meta.json").read_text())
+    summary = {"dataset": args.dataset, "data": data, "seeds": args.seeds, "joint_seeds": args.joint_seeds,
+               "command": "python -m benchmarks.clickprompt " + " ".join(sys.argv[1:]),
+               "budget": {"mlm_batch": args.mlm_batch, "warmup_steps_per_epoch": args.warmup_steps,
+                          "pretrain_steps_per_epoch": args.pretrain_steps, "mlm_epochs": args.mlm_epochs,
+                          "mlm_eval_batches": args.mlm_eval_steps, "joint_steps_per_epoch": args.joint_steps},
+               "row_tokens": {k: meta[k] for k in ("tokenizer", "max_length", "splits")},
+               "environment": environment(), "probes": probes,
+               "runs": {b: {v: per_seed(runs) for v, runs in vs.items()} for b, vs in results.items()},
+               "stages": {b: _stage_histories(data, b, args.seeds[0]) for b in results}}
+    stem = RESULTS / f"clickprompt_{data}"
+    write_json(stem.with_suffix(".json"), summary)
+    bud = summary["budget"]
+    lines = [f"# ClickPrompt on {data}", "", f"Command: `{summary['command']}`. Seeds {args.seeds} (mode (a): "
+             f"{args.joint_seeds}). The language model is the packaged all-MiniLM-L6-v2 as a masked LM (its MLM "
+             "head's transform is untrained, so a plain-MLM warm-up comes first).", "",
+             f"Budget on 2 cores: warm-up and PA-MLM {bud['mlm_epochs']} epochs each of {bud['warmup_steps_per_epoch']}"
+             f" and {bud['pretrain_steps_per_epoch']} steps of {bud['mlm_batch']} rows "
+             f"({bud['mlm_epochs'] * bud['warmup_steps_per_epoch'] * bud['mlm_batch']:,} and "
+             f"{bud['mlm_epochs'] * bud['pretrain_steps_per_epoch'] * bud['mlm_batch']:,} rows in all), validated on "
+             f"{bud['mlm_eval_batches']} batches; mode (b) then fine-tunes the CTR model on the whole training split, "
+             f"mode (a) on {bud['joint_steps_per_epoch']} batches per epoch. Every variant is selected and tested "
+             "on the whole validation and test splits.", ""]
+    for b, vs in summary["runs"].items():
+        base = mean_std(vs["base"]["test_auc"])[0]
+        lines += [f"## {b}", "", "| variant | seeds | test AUC | test logloss | AUC − base |", "|---|---|---|---|---|"]
+        for v, r in vs.items():
+            lines.append(f"| {v} | {len(r['test_auc'])} | {fmt(r['test_auc'])} | {fmt(r['test_logloss'])} | "
+                         f"{mean_std(r['test_auc'])[0] - base:+.4f} |")
+        lines += [line.replace("| backbone |", "| variant |") for line in regime_table(vs)]
+        pr = probes[b]
+        lines += ["", f"Prompt probe (seed {args.seeds[0]}'s pre-trained weights, {pr['no prompts']['tokens']:,} "
+                  "masked validation tokens, the same masks in each row):", "",
+                  "| prompts | MLM loss | MLM accuracy |", "|---|---|---|"]
+        lines += [f"| {k} | {x['mlm_loss']:.4f} | {x['mlm_accuracy']:.4f} |" for k, x in pr.items()]
+        st = summary["stages"][b]
+        lines += ["", f"Language-model stages (seed {args.seeds[0]}): " + "; ".join(
+            f"{name}: validation MLM loss {h[0]['valid_mlm_loss']:.3f} -> {h[-1]['valid_mlm_loss']:.3f}, accuracy "
+            f"{h[0]['valid_mlm_accuracy']:.3f} -> {h[-1]['valid_mlm_accuracy']:.3f}" for name, h in st.items()), ""]
+    env = summary["environment"]
+    lines += ["Variants: `base` the backbone alone (also the control: the same CTR model without PA-MLM); "
+              "`clickprompt_b` warm-up, PA-MLM with prefix prompts, then the CTR model alone (served without the "
+              "language model); `clickprompt_a` the same pre-training, then CTR model and language model together.",
+              "", f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}, "
+              + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + f"; commit {env['commit']}, {env['date']}.",
+              ""]
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    print(f"wrote {stem}.md/.json")
+
+
+def _stage_histories(data: str, backbone: str, seed: int) -> dict[str, list[dict]]:
+    run = REPO / "runs" / "bench" / run_name(data, backbone, seed, "clickprompt_b")
+    out = {}
+    for stage in ("warmup", "pretrain"):
+        path = run / "stages" / stage / "metrics.json"
+        if path.is_file():
+            out[stage] = json.loads(path.read_text())["history"]
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
