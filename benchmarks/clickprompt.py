@@ -36,18 +36,28 @@ from benchmarks.common import REPO, RESULTS, environment, fmt, mean_std, python,
 from benchmarks.quality import data_name, per_seed, prepare_data, regime_table, run_name, run_one
 
 
+def _per_stage(**values: int) -> str:
+    """A YAML mapping as an override value, its braces doubled for ``benchmarks.quality``'s str.format."""
+    return "{{" + ", ".join(f"{k}: {v}" for k, v in values.items()) + "}}"
+
+
 def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
     # the language-model stages take small batches; the CTR stage keeps the benchmark config's batch size
+    lm = {"warmup": None, "pretrain": None}
     method = ["method.name=clickprompt", f"method.clickprompt.tokens={tokens}",
-              f"train.stage_batch_size={{warmup: {args.mlm_batch}, pretrain: {args.mlm_batch}}}",
-              f"train.stage_steps={{warmup: {args.warmup_steps}, pretrain: {args.pretrain_steps}}}",
-              f"train.stage_epochs={{warmup: {args.mlm_epochs}, pretrain: {args.mlm_epochs}}}",
-              f"train.stage_eval_steps={{warmup: {args.mlm_eval_steps}, pretrain: {args.mlm_eval_steps}}}"]
+              "train.stage_batch_size=" + _per_stage(**dict.fromkeys(lm, args.mlm_batch)),
+              "train.stage_epochs=" + _per_stage(**dict.fromkeys(lm, args.mlm_epochs)),
+              "train.stage_eval_steps=" + _per_stage(**dict.fromkeys(lm, args.mlm_eval_steps))]
+    steps = {"warmup": args.warmup_steps, "pretrain": args.pretrain_steps}
     return {
-        "clickprompt_b": [*method, "method.clickprompt.finetune=ctr"],
-        "clickprompt_a": [*method, "method.clickprompt.finetune=joint",
-                          f"train.stage_steps={{warmup: {args.warmup_steps}, pretrain: {args.pretrain_steps}, "
-                          f"ctr: {args.joint_steps}}}"],
+        "clickprompt_b": [*method, "method.clickprompt.finetune=ctr", "train.stage_steps=" + _per_stage(**steps)],
+        # the PLM trains with the CTR model: small batches there too (1,024 rows of MiniLM do not fit in memory)
+        "clickprompt_a": ["method.name=clickprompt", f"method.clickprompt.tokens={tokens}",
+                          "train.stage_batch_size=" + _per_stage(**dict.fromkeys([*lm, "ctr"], args.mlm_batch)),
+                          "train.stage_epochs=" + _per_stage(**dict.fromkeys(lm, args.mlm_epochs)),
+                          "train.stage_eval_steps=" + _per_stage(**dict.fromkeys(lm, args.mlm_eval_steps)),
+                          "method.clickprompt.finetune=joint",
+                          "train.stage_steps=" + _per_stage(**steps, ctr=args.joint_steps)],
     }
 
 
@@ -148,7 +158,7 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
              f"({bud['mlm_epochs'] * bud['warmup_steps_per_epoch'] * bud['mlm_batch']:,} and "
              f"{bud['mlm_epochs'] * bud['pretrain_steps_per_epoch'] * bud['mlm_batch']:,} rows in all), validated on "
              f"{bud['mlm_eval_batches']} batches; mode (b) then fine-tunes the CTR model on the whole training split, "
-             f"mode (a) on {bud['joint_steps_per_epoch']} batches per epoch. Every variant is selected and tested "
+             f"mode (a) on {bud['joint_steps_per_epoch']} batches of {bud['mlm_batch']} rows per epoch. Every variant is selected and tested "
              "on the whole validation and test splits.", ""]
     for b, vs in summary["runs"].items():
         base = mean_std(vs["base"]["test_auc"])[0]

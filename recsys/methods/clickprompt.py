@@ -178,13 +178,24 @@ class PromptedMLM(nn.Module):
         ids, attention = self._trim(ids, length)
         return self.score_head(self._encode(rep, ids, attention)[:, 0]).squeeze(-1)
 
+    EVAL_CHUNK = 256  # rows per PLM call outside training: an evaluation batch of 8,192 rows would not fit
+
     def forward(self, what: str, rep: torch.Tensor | None, ids: torch.Tensor, length: torch.Tensor,
                 weights: torch.Tensor | None = None):
         """``what``: "mlm" (masked-LM sums, see :meth:`mlm_step`) or "score" (joint mode's logit). Called through
-        ``forward`` so that the train pipeline's fx trace sees one leaf call, not transformers' code."""
+        ``forward`` so that the train pipeline's fx trace sees one leaf call, not transformers' code. Outside
+        training the rows go through the PLM in chunks (the same results, bounded memory)."""
+        if self.training or ids.shape[0] <= self.EVAL_CHUNK:
+            return self.mlm_step(rep, ids, length, weights) if what == "mlm" else self.score(rep, ids, length)
+        parts = []
+        for start in range(0, ids.shape[0], self.EVAL_CHUNK):
+            rows = slice(start, start + self.EVAL_CHUNK)
+            r = None if rep is None else rep[rows]
+            parts.append(self.mlm_step(r, ids[rows], length[rows], weights[rows]) if what == "mlm"
+                         else self.score(r, ids[rows], length[rows]))
         if what == "mlm":
-            return self.mlm_step(rep, ids, length, weights)
-        return self.score(rep, ids, length)
+            return tuple(torch.stack(x).sum() for x in zip(*parts, strict=True))
+        return torch.cat(parts)
 
 
 class ClickPromptTask(Task):

@@ -81,7 +81,8 @@ class TrainConfig:
     stage_epochs: dict[str, int] = field(default_factory=dict)  # epochs of named stages, e.g. {pretrain: 3}
     # at most this many steps per epoch of named stages (a row budget: steps x batch size), e.g. {pretrain: 200}
     stage_steps: dict[str, int] = field(default_factory=dict)
-    # the global training batch of named stages (default data.batch_size), e.g. {pretrain: 64}
+    # the global training (and validation) batch of named stages (default data.batch_size and
+    # data.eval_batch_size), e.g. {pretrain: 64}
     stage_batch_size: dict[str, int] = field(default_factory=dict)
     # validate named (non-final) stages on at most this many batches of the validation split, e.g. {pretrain: 20}
     stage_eval_steps: dict[str, int] = field(default_factory=dict)

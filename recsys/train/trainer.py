@@ -181,7 +181,6 @@ class Trainer:
                 n = load_part(path, self.model, target_prefix=prefix)
                 self._log(f"loaded {n} tensors of {prefix.rstrip('.')} from {path}")
         self.lookup = embedding_lookup(cfg.data.path, schema, cfg.data.min_count)
-        self.eval_per_rank = cfg.data.eval_batch_size // env.world_size
         self.stage = task.stages[0]
         self.train_batches = self._train_batches(self.stage)
         task.set_stage(self.stage)
@@ -313,10 +312,12 @@ class Trainer:
     def evaluate(self, split: str, stage: Stage | None = None) -> dict[str, Any]:
         """The metrics of ``stage`` (default: the current one) on ``split``, over every rank's rows."""
         self.model.eval()
-        batches = ParquetBatches(self.cfg.data.path, split, self.schema, self.eval_per_rank, self.env.rank,
+        stage = stage or self.stage
+        # a stage with its own (small) training batch validates in batches of that size too
+        per_rank = self.cfg.train.stage_batch_size.get(stage.name, self.cfg.data.eval_batch_size) // self.env.world_size
+        batches = ParquetBatches(self.cfg.data.path, split, self.schema, per_rank, self.env.rank,
                                  self.env.world_size, extra_columns=self.task.extra_columns,
                                  side_files=self.task.side_files(split), lookup=self.lookup)
-        stage = stage or self.stage
         evaluator = self.task.evaluator(stage, batches.path)
         it = iter(batches)
         limit = self.cfg.train.stage_eval_steps.get(stage.name)
