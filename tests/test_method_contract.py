@@ -35,6 +35,8 @@ UPSTREAM = {
     "elec_gain": lambda t, runs, b: [f"method.elec.user_table={t['user']}", f"method.elec.item_table={t['item']}"],
     "elec_student": lambda t, runs, b: [f"method.elec.teacher_run={runs / f'{b}_elec_gain'}",
                                         "method.elec.rep_weight=1"],
+    "din": lambda t, runs, b: [],
+    "srp4ctr": lambda t, runs, b: ["method.srp4ctr.queries=2"],
     "clickprompt": lambda t, runs, b: [f"method.clickprompt.tokens={t['tokens']}", f"method.clickprompt.plm={t['plm']}",
                                        "method.clickprompt.prompt_length=2", "method.clickprompt.warmup=false"],
 }

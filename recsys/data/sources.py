@@ -331,5 +331,5 @@ def _read_generic(schema: DatasetSchema, root: Path) -> RawTables:
         require_columns(df, [own_key])
         side[part] = df.rename(columns={own_key: key})
         files.append(resolve_inside(root, t.path, w))
-    return RawTables(inter, side["users"], side["items"], has_timestamp="timestamp" in inter.columns, files=files,
+    return RawTables(inter, side["users"], side["items"], has_timestamp="timestamp" in names, files=files,
                      interactions_file=files[0], source_names=names)

@@ -1,0 +1,95 @@
+"""SRP4CTR and the DIN baseline: which fields make a sequence, masking, the encoder sees only the row's
+history, the Q-Former's shape, pre-training through the one trainer, and what is refused."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsys.data.loader import ParquetBatches
+from recsys.data.prepare import prepare
+from recsys.data.schema import PreparedSchema, load_schema
+from recsys.experiment import build_task, build_trainer, load_config
+from recsys.methods.srp4ctr import choose_masks, sequence_fields
+from recsys.modules.sequence import QFormer
+from recsys.train.config import ConfigError
+
+
+def _cfg(data: Path, out: Path, *overrides: str):
+    return load_config(None, [f"data.path={data}", f"train.out_dir={out}", "name=s", "data.batch_size=16",
+                              "data.eval_batch_size=32", "model.embedding_dim=8", "train.progress=false",
+                              "train.epochs=2", "train.patience=5", "method.name=srp4ctr", *overrides])
+
+
+def test_the_sequence_is_the_item_history_and_its_side_fields(tiny_prepared):
+    _, data, _ = tiny_prepared
+    f = sequence_fields(PreparedSchema.load(data))
+    assert (f.item, f.item_history, f.item_side, f.behaviour) == ("item_id", "hist_item_id", ("hist_genre",),
+                                                                  ("hist_rating",))
+
+
+def test_each_masking_strategy_masks_only_its_fields_at_the_asked_ratio(tiny_prepared):
+    _, data, _ = tiny_prepared
+    f = sequence_fields(PreparedSchema.load(data))
+    torch.manual_seed(0)
+    mask = torch.rand(4000, 20) < 0.7
+    masks = choose_masks(mask, f, ratio=0.2, item_side_share=0.25)
+    item, genre, rating = masks["hist_item_id"], masks["hist_genre"], masks["hist_rating"]
+    assert torch.equal(item, genre) and not (item & rating).any()  # a position is item-side or behaviour-side
+    assert not ((item | rating) & ~mask).any()  # never padding
+    assert abs((item | rating).sum() / mask.sum() - 0.2) < 0.01
+    assert abs(item.sum() / (item | rating).sum() - 0.25) < 0.02
+
+
+def test_the_encoding_depends_on_the_history_alone(tiny_prepared):
+    """Two rows with the same history give the same encoding, whatever else differs (target, user, context):
+    nothing of the row itself, or of anything later, reaches it; histories are strictly earlier by preparation."""
+    _, data, _ = tiny_prepared
+    schema = PreparedSchema.load(data)
+    task = build_task(schema, _cfg(data, Path("/tmp")), device=torch.device("cpu")).eval()
+    batch = next(iter(ParquetBatches(data, "train", schema, 16)))
+    _, seqs, mask = task._sequences(batch)
+    encoded = task.fgbert("encode", seqs, mask)
+    kjt = batch.sparse_features.to_dict()
+    other = {k: (v if k.startswith("hist_") else type(v)(values=torch.flip(v.values(), [0]), lengths=torch.flip(
+        v.lengths(), [0]))) for k, v in kjt.items()}
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    changed = replace(batch, sparse_features=KeyedJaggedTensor.from_jt_dict(other))
+    _, seqs2, mask2 = task._sequences(changed)
+    assert torch.equal(mask, mask2) and torch.allclose(task.fgbert("encode", seqs2, mask2), encoded)
+    assert not torch.equal(task.output(changed).logit, task.output(batch).logit)  # the rest did change
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_the_q_former_gives_k_vectors(k):
+    out = QFormer(8, k)(torch.randn(5, 12, 8), torch.rand(5, 12) < 0.8)
+    assert out.shape == (5, k, 8)
+    empty = QFormer(8, k)(torch.randn(2, 12, 8), torch.zeros(2, 12, dtype=torch.bool))
+    assert torch.equal(empty, torch.zeros(2, k, 8))  # a user with no history: zeros, no NaN
+
+
+def test_pre_training_learns_and_hands_its_encoder_to_fine_tuning(tiny_prepared, tmp_path):
+    _, data, _ = tiny_prepared
+    # the tiny validation split has few history positions: mask half of them
+    result = build_trainer(_cfg(data, tmp_path, "train.stage_epochs={pretrain: 4}", "method.srp4ctr.mask_ratio=0.5",
+                                "data.batch_size=8")).fit()
+    history = json.loads((tmp_path / "s" / "stages" / "pretrain" / "metrics.json").read_text())["history"]
+    assert history[-1]["valid_loss"] < history[0]["valid_loss"]
+    assert {"valid_item_hit10", "valid_hist_genre_accuracy", "valid_hist_rating_accuracy"} <= set(history[0])
+    assert 0 <= result["test_auc"] <= 1
+
+
+def test_what_cannot_run_is_refused(tiny, tiny_prepared, tmp_path):
+    _, data, _ = tiny_prepared
+    with pytest.raises(ConfigError, match="leave nothing for the encoder"):
+        build_trainer(_cfg(data, tmp_path, "method.srp4ctr.cross=false", "method.srp4ctr.queries=0"))
+    schema = load_schema(tiny.schema_path)
+    untimed = replace(schema, source=replace(schema.source, timestamp_column=""))
+    prepare(untimed, tmp_path / "untimed", progress=False)  # histories are skipped without timestamps
+    with pytest.raises(ConfigError, match="SRP4CTR needs time-ordered behaviour sequences"):
+        build_trainer(_cfg(tmp_path / "untimed", tmp_path, "name=u"))
