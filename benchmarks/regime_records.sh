@@ -46,8 +46,30 @@ elec() {
     --variants elec_student_score --reference control_student_score --out "compare_${data}_elec_vs_control"
 }
 
+# SRP4CTR on ML-100K (the one dataset here with time-ordered histories): DIN, each pre-trained variant, and the
+# same architectures without pre-training (pre-training runs train.epochs, 10 in the config, with early stopping)
+srp4ctr() {
+  local runs=(din "method.name=din"
+              srp_both "method.name=srp4ctr" srp_both_nopre "method.name=srp4ctr method.srp4ctr.pretrain=false"
+              srp_cross "method.name=srp4ctr method.srp4ctr.queries=0"
+              srp_cross_nopre "method.name=srp4ctr method.srp4ctr.queries=0 method.srp4ctr.pretrain=false"
+              srp_qformer "method.name=srp4ctr method.srp4ctr.cross=false"
+              srp_qformer_nopre "method.name=srp4ctr method.srp4ctr.cross=false method.srp4ctr.pretrain=false")
+  for ((i = 0; i < ${#runs[@]}; i += 2)); do
+    # shellcheck disable=SC2086
+    $PY -m benchmarks.quality --dataset ml-100k --backbones deepfm dcnv2 --variant "${runs[i]}" ${runs[i + 1]}
+  done
+  $PY -m benchmarks.compare --data ml-100k --backbones deepfm dcnv2 --out compare_ml-100k_srp4ctr \
+    --variants din srp_cross srp_qformer srp_both srp_cross_nopre srp_qformer_nopre srp_both_nopre
+  for v in cross qformer both; do
+    $PY -m benchmarks.compare --data ml-100k --backbones deepfm dcnv2 --variants "srp_$v" \
+      --reference "srp_${v}_nopre" --out "compare_ml-100k_srp_${v}_vs_nopre"
+  done
+}
+
 case $what in
   base) base ;;
+  srp4ctr) srp4ctr ;;
   llactr) llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item ;;
   elec) elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
   all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
