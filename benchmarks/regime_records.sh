@@ -20,6 +20,8 @@ base() {
 llactr() {
   local dataset=$1 data=$2 flags=("${@:3}")
   local fields=runs/models/$data-fields features=runs/features/$data
+  [ -f "runs/data/$data/schema.json" ] || $PY -m recsys.prepare --dataset "$dataset" "${flags[@]}" \
+    --out "runs/data/$data" --no-progress
   [ -f "$fields/report.json" ] || $PY -m embedding_jobs.field_finetune --dataset runs/data/$data --out "$fields" \
     --time-budget-s 300 --no-progress
   [ -f "$features/field/table.parquet" ] || $PY -m embedding_jobs.run --entity field --dataset runs/data/$data \
