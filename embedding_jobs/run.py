@@ -37,7 +37,7 @@ from embedding_jobs.jobs import JobOptions, run_job
 from embedding_jobs.model_files import ModelError, Pooling, packaged_minilm, resolve_model_path, setup_job_cli
 from embedding_jobs.templates import TemplateOptions
 from recsys.data.sources import DataError
-from recsys.features.table import FeatureEntity, FeatureTableError
+from recsys.features.table import TEXT_ENTITIES, FeatureEntity, FeatureTableError
 
 log = logging.getLogger("embedding_jobs")
 
@@ -45,7 +45,7 @@ log = logging.getLogger("embedding_jobs")
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m embedding_jobs.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--entity", required=True, nargs="+", choices=[*(e.value for e in FeatureEntity), "all"],
+    p.add_argument("--entity", required=True, nargs="+", choices=[*(e.value for e in TEXT_ENTITIES), "all"],
                    help="what to embed: one or more entities (one engine start-up for all), or all")
     p.add_argument("--dataset", required=True, type=Path, help="a prepared dataset folder (python -m recsys.prepare)")
     p.add_argument("--out", required=True, type=Path, help="root folder of the feature tables")
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         vllm_options = VLLMOptions(gpu_memory_utilization=args.gpu_memory_utilization,
                                    tensor_parallel_size=args.tensor_parallel_size,
                                    enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager)
-        entities = tuple(FeatureEntity) if "all" in args.entity else tuple(FeatureEntity(e) for e in args.entity)
+        entities = TEXT_ENTITIES if "all" in args.entity else tuple(FeatureEntity(e) for e in args.entity)
         job = JobOptions(entities=entities, dataset=args.dataset, out=args.out,
                          batch_size=args.batch_size, part_size=args.part_size, shard=args.shard,
                          num_shards=args.num_shards, progress=args.progress,

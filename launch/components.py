@@ -351,20 +351,47 @@ def distill_cluster(
                   max_retries, max_restarts, local=False)
 
 
-def export(
+def encode_histories(
     run: str,
     out: str,
     checkpoint: str = "best",
     image: str = LOCAL_IMAGE,
+    cpu: int = 2,
+    memMB: int = 8192,
+) -> specs.AppDef:
+    """SRP4CTR: cache the frozen sequence encoder's output for every behaviour history of the run's dataset.
+
+    Args:
+        run: a finished SRP4CTR training run folder
+        out: folder of the history cache (a feature table keyed by a hash of the history)
+        checkpoint: best or last
+        image: container image (not used by local_cwd)
+        cpu: CPU cores
+        memMB: memory in MB
+    """
+    if image == LOCAL_IMAGE and not (Path(run) / "test_metrics.json").is_file():
+        raise ValueError(f"--run {run} is not a finished training run (no test_metrics.json); train it first")
+    args = ["-m", "embedding_jobs.history_encodings", "--run", run, "--out", out, "--checkpoint", checkpoint,
+            "--no-progress"]
+    return _python_job("llmctr-encode-histories", "encode", args, image, cpu, 0, memMB)
+
+
+def export(
+    run: str,
+    out: str,
+    checkpoint: str = "best",
+    history_cache: str = "",
+    image: str = LOCAL_IMAGE,
     cpu: int = 1,
     memMB: int = 8192,
 ) -> specs.AppDef:
-    """Export a finished run's served model (base or ELEC student) as a folder that needs recsys alone.
+    """Export a finished run's served model (base, ELEC student, SRP4CTR) as a folder that needs recsys alone.
 
     Args:
         run: the training run folder
         out: the export folder
         checkpoint: best or last
+        history_cache: SRP4CTR: the run's history encodings (the encode_histories component)
         image: container image (not used by local_cwd)
         cpu: CPU cores
         memMB: memory in MB
@@ -372,6 +399,7 @@ def export(
     if image == LOCAL_IMAGE and not (Path(run) / "config.yaml").is_file():
         raise ValueError(f"--run {run} is not a training run folder (no config.yaml)")
     args = ["-m", "recsys.serve.export", "--run", run, "--out", out, "--checkpoint", checkpoint]
+    args += ["--history-cache", history_cache] if history_cache else []
     return _python_job("llmctr-export", "export", args, image, cpu, 0, memMB)
 
 

@@ -7,8 +7,9 @@ Steps: prepare the dataset; fine-tune the language model on field/feature pairs 
 budget) and embed the fields with it; adapt the language model to the CTR task (ELEC, within a time
 budget) and embed the users and items with it (``--replicas`` processes each); train the base model; train
 the same backbone with LLaCTR's field knowledge; train ELEC's gain network on the adapted vectors; distil it
-into the tabular-only student; export the student and score the test split with the export alone; print
-everything side by side. Each step is a TorchX AppDef (``launch/components.py``); a step that fails stops the
+into the tabular-only student; export the student and score the test split with the export alone; train
+SRP4CTR (sequence pre-training, then fine-tuning), cache its encoder's output of every history, export the
+model that reads that cache and score with it; print everything side by side. Each step is a TorchX AppDef (``launch/components.py``); a step that fails stops the
 pipeline with its logs' location. Steps are idempotent: a rerun skips finished embedding parts and resumes
 training from the last checkpoint.
 """
@@ -32,7 +33,7 @@ Step = tuple[str, Callable[[], specs.AppDef | None]]
 def trained_runs(args: argparse.Namespace) -> list[str]:
     """The run folders the pipeline's training steps write, in order: the final table lists them all."""
     name = run_name(args)
-    return [f"{name}_{variant}" for variant in ("base", "llactr", "elec_gain", "elec_student")]
+    return [f"{name}_{variant}" for variant in ("base", "llactr", "elec_gain", "elec_student", "srp4ctr")]
 
 
 def steps(args: argparse.Namespace) -> list[Step]:
@@ -46,7 +47,7 @@ def steps(args: argparse.Namespace) -> list[Step]:
     image = {} if local else {"image": args.image}
     train = components.train_local if local else components.train_cluster
     size = {"j": f"1x{args.nproc}"} if local else {"j": args.j, **image}
-    base, llactr, gain, student = trained_runs(args)
+    base, llactr, gain, student, srp = trained_runs(args)
     out: list[Step] = [
         ("prepare", lambda: components.prepare(args.dataset, str(data), **image))]
     fields_model = root / "models" / f"{args.dataset}-fields"
@@ -76,6 +77,16 @@ def steps(args: argparse.Namespace) -> list[Step]:
     out.append(("evaluate exported student", lambda: components.evaluate(
         str(export_dir), str(data / "test.parquet"), str(root / "scores" / f"{student}_test.parquet"),
         metrics=str(export_dir / "test_metrics.json"), **image)))
+    # SRP4CTR: pre-train the sequence encoder and fine-tune (one run, two stages), cache the encoder's output of
+    # every history, serve the backbone, cross-attention and Q-Former from that cache
+    cache, srp_export = features / f"{srp}_history", root / "export" / srp
+    out.append(("train SRP4CTR", lambda: train(args.config, *common, f"name={srp}", "method.name=srp4ctr", **size)))
+    out.append(("encode histories", lambda: components.encode_histories(str(runs / srp), str(cache), **image)))
+    out.append(("export SRP4CTR", lambda: components.export(str(runs / srp), str(srp_export),
+                                                           history_cache=str(cache), **image)))
+    out.append(("evaluate exported SRP4CTR", lambda: components.evaluate(
+        str(srp_export), str(data / "test.parquet"), str(root / "scores" / f"{srp}_test.parquet"),
+        metrics=str(srp_export / "test_metrics.json"), **image)))
     return out
 
 
@@ -149,9 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         if regimes:
             print(f"(test rows: {regimes['warm']['rows']:,} warm, {regimes['cold_user']['rows']:,} of cold users, "
                   f"of {regimes['all']['rows']:,}; per-regime tables in each run's log and test_metrics.json)")
-        served = json.loads((Path(args.root) / "export" / trained_runs(args)[-1] / "test_metrics.json").read_text())
-        print(f"the exported student alone (recsys only, no language model): test AUC {served['auc']:.4f}, "
-              f"logloss {served['logloss']:.4f}")
+        exports = Path(args.root) / "export"
+        for run, what in ((trained_runs(args)[3], "student alone (recsys only, no language model)"),
+                          (trained_runs(args)[4], "SRP4CTR model, from cached history encodings (no encoder)")):
+            served = json.loads((exports / run / "test_metrics.json").read_text())
+            print(f"the exported {what}: test AUC {served['auc']:.4f}, logloss {served['logloss']:.4f}")
     return 0
 
 

@@ -114,7 +114,7 @@ def test_pa_mlm_then_fine_tuning_through_the_trainer(setup, tmp_path, finetune):
     assert history[-1]["valid_mlm_loss"] < history[0]["valid_mlm_loss"]  # PA-MLM learns
     assert 0 <= result["test_auc"] <= 1
     if finetune == "joint":
-        with pytest.raises(ConfigError, match="export as a bare backbone"):
+        with pytest.raises(ConfigError, match="whose served model needs more than recsys"):
             from recsys.serve.artifact import export_run
 
             export_run(tmp_path / "cp", tmp_path / "export")

@@ -251,10 +251,12 @@ def test_pipeline_dryrun_on_a_cluster_lists_every_step(tmp_path, capsys):
     titles = [line for line in out.splitlines() if line.startswith("=== ")]
     assert [t.split(" ===")[0][4:] for t in titles] == [
         "prepare", "fine-tune fields", "embed field", "adapt LM (ELEC)", "embed user", "embed item", "train base",
-        "train llactr", "train ELEC gain", "distill ELEC student", "export student", "evaluate exported student"]
+        "train llactr", "train ELEC gain", "distill ELEC student", "export student", "evaluate exported student",
+        "train SRP4CTR", "encode histories", "export SRP4CTR", "evaluate exported SRP4CTR"]
     assert out.count("srun") >= 12 and "embedding_jobs.field_finetune" in out and "method.name=llactr" in out
     assert "embedding_jobs.ctr_adapt" in out and "method.name=elec_gain" in out and "method.name=elec_student" in out
     assert "recsys.serve.export" in out and "recsys.serve.score" in out
+    assert "method.name=srp4ctr" in out and "embedding_jobs.history_encodings" in out and "--history-cache" in out
 
 
 def test_elec_appdefs_check_their_inputs(ml100k, tmp_path):
@@ -272,3 +274,12 @@ def test_elec_appdefs_check_their_inputs(ml100k, tmp_path):
     assert role.args[:2] == ["-m", "recsys.serve.export"]
     with pytest.raises(ValueError, match="not an exported model"):
         components.evaluate(str(tmp_path), str(ml100k / "test.parquet"), "out.parquet")
+
+
+def test_srp4ctr_appdefs_check_their_inputs(tmp_path):
+    with pytest.raises(ValueError, match="not a finished training run"):
+        components.encode_histories(str(tmp_path), "out")
+    (role,) = components.encode_histories("/mnt/runs/srp", "/mnt/cache", image="repo/llmctr:1").roles
+    assert role.args[:2] == ["-m", "embedding_jobs.history_encodings"]
+    (role,) = components.export("/mnt/runs/srp", "/mnt/export", history_cache="/mnt/cache", image="repo/llmctr:1").roles
+    assert role.args[-2:] == ["--history-cache", "/mnt/cache"]

@@ -43,6 +43,17 @@ UPSTREAM = {
 ORDER = sorted(METHODS, key=lambda m: m == "elec_student")  # a student's teacher run is trained first
 
 
+def _history_cache(run: Path, tmp: Path) -> dict[str, str]:
+    from embedding_jobs.history_encodings import run as encode
+
+    encode(run, tmp / f"{run.name}_cache", progress=False)
+    return {"history_cache": str(tmp / f"{run.name}_cache")}
+
+
+# What each method whose spec has an export_task reads at export, made from its finished run
+EXPORT_INPUTS = {"srp4ctr": _history_cache}
+
+
 def _cfg(data: Path, out: Path, name: str, *overrides: str):
     return load_config(None, [f"data.path={data}", f"train.out_dir={out}", f"name={name}", "data.batch_size=16",
                               "data.eval_batch_size=32", "model.embedding_dim=8", "train.progress=false",
@@ -51,6 +62,8 @@ def _cfg(data: Path, out: Path, name: str, *overrides: str):
 
 def test_every_method_has_a_contract_fixture():
     assert set(UPSTREAM) == set(METHODS), f"add an UPSTREAM entry for {sorted(set(METHODS) - set(UPSTREAM))}"
+    served = {m for m, spec in METHODS.items() if spec.export_task is not None}
+    assert served == set(EXPORT_INPUTS), f"add an EXPORT_INPUTS entry for {sorted(served - set(EXPORT_INPUTS))}"
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +98,14 @@ def test_every_method_trains_evaluates_and_exports(tiny_prepared, inputs, tmp_pa
         assert set(step) >= {"loss", "weights"} and torch.isfinite(step["loss"])
         result = trainer.fit()
         assert 0.0 <= result["test_auc"] <= 1.0 and result["method"] == method, name
-        if exportable(cfg):
-            export = export_run(tmp_path / name, tmp_path / "export" / name)
+        if exportable(cfg) or METHODS[method].export_task is not None:
+            inputs = EXPORT_INPUTS[method](tmp_path / name, tmp_path) if method in EXPORT_INPUTS else {}
+            export = export_run(tmp_path / name, tmp_path / "export" / name, inputs=inputs)
             scored = score_file(load_exported(export), data / "test.parquet", tmp_path / f"{name}.parquet",
                                 progress=False)
             assert abs(scored["auc"] - result["test_auc"]) <= 1e-6, name  # the export is the run's model
         else:
-            with pytest.raises(ConfigError, match="only .* export as a bare backbone"):
+            with pytest.raises(ConfigError, match="whose served model needs more than recsys"):
                 export_run(tmp_path / name, tmp_path / "export" / name)
 
 

@@ -93,3 +93,71 @@ def test_what_cannot_run_is_refused(tiny, tiny_prepared, tmp_path):
     prepare(untimed, tmp_path / "untimed", progress=False)  # histories are skipped without timestamps
     with pytest.raises(ConfigError, match="SRP4CTR needs time-ordered behaviour sequences"):
         build_trainer(_cfg(tmp_path / "untimed", tmp_path, "name=u"))
+
+
+# ---- cached history encodings: the served model ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def srp_run(tiny_prepared, tmp_path_factory):
+    """A finished tiny SRP4CTR run, its history cache over every split, and an export served from it."""
+    from embedding_jobs import history_encodings
+    from recsys.serve.artifact import export_run
+
+    _, data, _ = tiny_prepared
+    root = tmp_path_factory.mktemp("srp")
+    result = build_trainer(_cfg(data, root, "train.stage_epochs={pretrain: 1}", "train.epochs=1")).fit()
+    run = root / "s"
+    assert not history_encodings.run(run, root / "cache", progress=False)["skipped"]
+    export = export_run(run, root / "export", inputs={"history_cache": str(root / "cache")})
+    return data, root, run, result, export
+
+
+def test_cached_encodings_score_as_the_encoder_does(srp_run):
+    """The export (backbone, cross-attention and Q-Former reading the cache; no encoder) scores every test row
+    as the run's own model with its encoder does, and the test AUC the run reported."""
+    from embedding_jobs.history_encodings import load_srp_run
+    from recsys.serve.artifact import load_exported
+    from recsys.serve.score import score_file
+
+    data, root, run, result, export = srp_run
+    task, schema, _ = load_srp_run(run)
+    served = load_exported(export)
+    assert served.task.fgbert is None and not any(k.startswith("fgbert.") for k in
+                                                  torch.load(export / "model.pt", weights_only=True))
+    with torch.no_grad():
+        for batch in ParquetBatches(data, "test", schema, 16):
+            assert torch.allclose(served.score(batch), task.score(batch), atol=1e-5)
+    scored = score_file(served, data / "test.parquet", root / "scores.parquet", progress=False)
+    assert scored["auc"] == pytest.approx(result["test_auc"], abs=1e-6)
+
+
+def test_a_rerun_of_the_encoding_job_does_nothing(srp_run):
+    from embedding_jobs import history_encodings
+
+    _, root, run, _, _ = srp_run
+    assert history_encodings.run(run, root / "cache", progress=False)["skipped"]
+
+
+def test_a_cache_of_other_histories_another_encoder_or_dataset_is_refused(srp_run, tmp_path):
+    from embedding_jobs import history_encodings
+    from recsys.features.table import FeatureTableError
+    from recsys.methods.srp4ctr_cache import HistoryCacheMiss, load_history_cache
+    from recsys.serve.artifact import export_run, load_exported
+
+    data, root, run, _, _ = srp_run
+    history_encodings.run(run, tmp_path / "train_only", splits=("train",), progress=False)
+    partial = export_run(run, tmp_path / "partial", inputs={"history_cache": str(tmp_path / "train_only")})
+    schema = PreparedSchema.load(data)
+    with pytest.raises(HistoryCacheMiss, match="does not hold"):
+        for batch in ParquetBatches(data, "test", schema, 64):
+            load_exported(partial).score(batch)
+    # another encoder: a run of another seed
+    build_trainer(_cfg(data, tmp_path, "name=o", "train.seed=7", "train.stage_epochs={pretrain: 1}",
+                       "train.epochs=1")).fit()
+    history_encodings.run(tmp_path / "o", tmp_path / "other", progress=False)
+    with pytest.raises(FeatureTableError, match="made from another encoder"):
+        export_run(run, tmp_path / "x", inputs={"history_cache": str(tmp_path / "other")})
+    with pytest.raises(FeatureTableError, match="dataset_fingerprint"):
+        f = sequence_fields(schema)
+        load_history_cache(root / "cache", fingerprint="0" * 16, fields=f.all, length=f.length, dim=8)
+    with pytest.raises(ConfigError, match="history-cache"):
+        export_run(run, tmp_path / "y")

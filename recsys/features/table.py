@@ -9,6 +9,8 @@ Key spaces, one per entity:
 - ``field``: the field's position in the prepared ``schema.json`` (0..K-1); no reserved keys.
 - ``feature``: one table per field that owns its vocabulary; key = the id in that vocabulary.
 - ``user`` / ``item``: key = the id in the ``user_id`` / ``item_id`` vocabulary.
+- ``history``: key = a 63-bit content hash of a behaviour history (SRP4CTR's cached encodings,
+  ``recsys.methods.srp4ctr_cache``); not a language-model table, and not a dense key space.
 
 In the id-keyed tables, ids 0 (padding) and 1 (unknown value) are reserved: the writer never stores them and
 the reader gives them zero vectors, outside the missing count.
@@ -50,11 +52,15 @@ class FeatureEntity(StrEnum):
     FEATURE = "feature"
     USER = "user"
     ITEM = "item"
+    HISTORY = "history"  # a sequence encoder's output per behaviour history, keyed by the history's hash
+
+
+TEXT_ENTITIES = (FeatureEntity.FIELD, FeatureEntity.FEATURE, FeatureEntity.USER, FeatureEntity.ITEM)  # LM jobs
 
 
 def reserved_keys(entity: FeatureEntity) -> tuple[int, ...]:
     """Keys a table of ``entity`` never stores: padding and unknown in vocabulary id spaces."""
-    return () if entity is FeatureEntity.FIELD else (PAD_ID, UNK_ID)
+    return () if entity in (FeatureEntity.FIELD, FeatureEntity.HISTORY) else (PAD_ID, UNK_ID)
 
 
 @dataclass(frozen=True)
@@ -134,4 +140,4 @@ def table_schema(dim: int) -> pa.Schema:
 
 __all__ = ["METADATA_KEY", "FORMAT_VERSION", "KEY_COLUMN", "EMBEDDING_COLUMN", "FIELD_TABLE", "MERGED_FILE",
            "PARTS_DIR", "PART_GLOB", "MANIFEST_FILE", "FeatureTableError",
-           "FeatureEntity", "FeatureTableMetadata", "reserved_keys", "table_schema"]
+           "FeatureEntity", "FeatureTableMetadata", "TEXT_ENTITIES", "reserved_keys", "table_schema"]

@@ -74,6 +74,11 @@ class MethodSpec:
     # the served logit is task.model's own, so recsys.serve exports that backbone alone (a callable: it depends
     # on the options, e.g. whether the language model stays in the served model)
     exports: bool | Callable[[ExperimentConfig], bool] = False
+    # a served model that is more than a backbone but needs no language model at serving time (recsys.serve):
+    # export_task(task, cfg, folder, inputs) -> (state dict to save, export.json additions) writes the method's
+    # files into the export folder; load_task(task, folder, state, meta) makes a rebuilt task ready to score
+    export_task: Callable[[Task, ExperimentConfig, Path, dict[str, str]], tuple[dict, dict]] | None = None
+    load_task: Callable[[Task, Path, dict, dict], None] | None = None
     tags: dict[str, Any] = field(default_factory=dict)
 
 

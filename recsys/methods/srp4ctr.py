@@ -28,8 +28,10 @@ Stages:
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,7 +40,9 @@ from torch import nn
 
 from recsys.data.batch import Batch
 from recsys.data.schema import PAD_ID, Entity, FieldKind, PreparedSchema
+from recsys.features.reader import table_files
 from recsys.methods.registry import MethodSpec, register
+from recsys.methods.srp4ctr_cache import HistoryCache, encoder_hash, history_keys, load_history_cache
 from recsys.models.base import Backbone, CTROutput
 from recsys.modules.sequence import CrossAttention, QFormer, SequenceEncoder
 from recsys.train.config import ConfigError
@@ -46,8 +50,6 @@ from recsys.train.evaluation import Evaluator, RatioEvaluator
 from recsys.train.task import CTR_STAGE, Stage, Task, TaskOutput
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from recsys.experiment import ExperimentConfig
 
 PRETRAIN = Stage("pretrain", monitor="item_hit10", mode="max", kind="pretrain")
@@ -205,6 +207,7 @@ class SRP4CTRTask(Task):
         d = model.embedding_dim
         self.cross = CrossAttention(d, cfg.heads) if cfg.cross else None
         self.qformer = QFormer(d, cfg.queries, cfg.qformer_layers, cfg.heads) if cfg.queries else None
+        self.cache: HistoryCache | None = None
         self.set_stage(self.stage)  # which parameters train, before DistributedModelParallel wraps the task
 
     def _sequences(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
@@ -212,9 +215,22 @@ class SRP4CTRTask(Task):
         mask = seqs[self.fields.item_history][1]
         return emb, {name: seqs[name][0] for name in self.fields.all}, mask
 
+    def use_cache(self, cache: HistoryCache | None) -> None:
+        """Read the encoder's output from cached encodings (``embedding_jobs.history_encodings``) instead of
+        running the encoder: what serving does. ``None`` runs the encoder again."""
+        if cache is not None and self.stage is not CTR_STAGE:
+            raise ValueError("a history cache serves the fine-tuned model (the ctr stage), not pre-training")
+        self.cache = cache
+
+    def encode(self, batch: Batch, seqs: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """``[B, L, D]``: the encoder's output of each row's history, computed or read from the cache."""
+        if self.cache is not None:
+            return self.cache.lookup(history_keys([padded_ids(batch, n, self.fields.length) for n in self.fields.all]))
+        return self.fgbert("encode", seqs, mask)
+
     def output(self, batch: Batch) -> CTROutput:
         emb, seqs, mask = self._sequences(batch)
-        encoded = self.fgbert("encode", seqs, mask)
+        encoded = self.encode(batch, seqs, mask)
         extra = []
         if self.cross is not None:
             extra.append(self.cross(emb[:, self.item_index], encoded, mask).unsqueeze(1))
@@ -235,7 +251,7 @@ class SRP4CTRTask(Task):
 
     def train(self, mode: bool = True) -> SRP4CTRTask:
         super().train(mode)
-        if self.cfg.freeze_encoder and self.stage is CTR_STAGE:
+        if self.cfg.freeze_encoder and self.stage is CTR_STAGE and self.fgbert is not None:
             self.fgbert.train(False)  # a frozen encoder encodes as it would for a cache (no dropout)
         return self
 
@@ -286,8 +302,46 @@ def _build(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.device |
     return SRP4CTRTask(backbone, fgbert, fields, item_index, c, stages)
 
 
+HISTORY_DIR = "history"  # the export's copy of the history cache
+
+
+def _cache_for(task: SRP4CTRTask, schema_fingerprint: str, path: str | Path, weights_hash: str) -> HistoryCache:
+    return load_history_cache(path, fingerprint=schema_fingerprint, fields=task.fields.all,
+                              length=task.fields.length, dim=task.model.embedding_dim, weights_hash=weights_hash)
+
+
+def _export(task: Task, cfg: ExperimentConfig, folder: Path, inputs: dict[str, str]) -> tuple[dict, dict]:
+    """The served model is the backbone, the cross-attention and the Q-Former, reading the encoder's output from
+    the history cache (copied into the export); the encoder itself stays behind."""
+    assert isinstance(task, SRP4CTRTask)
+    path = inputs.get("history_cache")
+    if not path:
+        raise ConfigError("an SRP4CTR model is served from cached history encodings: make them with `python -m "
+                          "embedding_jobs.history_encodings --run RUN --out DIR` and export with --history-cache DIR")
+    from recsys.data.schema import PreparedSchema
+
+    weights = encoder_hash(task.fgbert)
+    fingerprint = PreparedSchema.load(cfg.data.path).fingerprint
+    cache = _cache_for(task, fingerprint, path, weights)  # refuses a cache of another encoder or dataset
+    (folder / HISTORY_DIR).mkdir()
+    for file in table_files(path):
+        shutil.copyfile(file, folder / HISTORY_DIR / file.name)
+    state = {k: v for k, v in task.state_dict().items() if not k.startswith("fgbert.")}
+    return state, {"encoder_sha256": weights, "histories": len(cache.keys)}
+
+
+def _load(task: Task, folder: Path, state: dict, meta: dict) -> None:
+    assert isinstance(task, SRP4CTRTask)
+    missing, unexpected = task.load_state_dict(state, strict=False)
+    wrong = [k for k in missing if not k.startswith("fgbert.")] + list(unexpected)
+    if wrong:
+        raise ValueError(f"{folder / 'model.pt'} does not fit this SRP4CTR model: {wrong[:3]}")
+    task.use_cache(_cache_for(task, meta["fingerprint"], folder / HISTORY_DIR, meta["encoder_sha256"]))
+    task.fgbert = None  # not part of the served model: its output comes from the cache
+
+
 SPEC = register(MethodSpec(
     name="srp4ctr", summary="sequential pre-training; cross-attention and a Q-Former feed any backbone (SRP4CTR)",
-    build=_build, section="srp4ctr", config=SRP4CTRConfig, check=_check))
+    build=_build, section="srp4ctr", config=SRP4CTRConfig, check=_check, export_task=_export, load_task=_load))
 
 __all__ = ["SRP4CTRConfig", "SRP4CTRTask", "FGBert", "sequence_fields"]

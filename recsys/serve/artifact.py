@@ -4,8 +4,12 @@
     schema.json   the prepared dataset's schema: fields, vocabulary sizes, fingerprint
     export.json   backbone name and configuration, embedding size, the run it came from and its test metrics
 
-Only methods whose spec says ``exports`` are exported: their served logit is the backbone's own (the plain
-backbone; ELEC's student, whose teacher, language model and feature tables stay behind).
+Methods whose spec says ``exports`` are exported as that bare backbone: their served logit is the backbone's
+own (the plain backbone; ELEC's student, whose teacher, language model and feature tables stay behind). A
+method whose served model is more than a backbone but needs no language model (SRP4CTR from its cached history
+encodings) gives its spec an ``export_task`` and a ``load_task``: the export then holds the task's served
+weights in ``model.pt``, the experiment's configuration in ``export.json``, and whatever files the method adds
+(SRP4CTR: ``history/``, the cache); loading rebuilds the task from the registry.
 """
 
 from __future__ import annotations
@@ -29,46 +33,53 @@ from recsys.models.base import Backbone
 from recsys.modules.embedding import bake_lookup
 from recsys.train.checkpoint import UnsafeCheckpointError, load_part
 from recsys.train.config import ConfigError, from_dict
+from recsys.train.task import Task
 
 FORMAT_VERSION = 1
 
 
 @dataclass
 class ExportedModel:
-    """A loaded artifact: ``score(batch)`` returns logits, in eval mode, without autograd."""
+    """A loaded artifact: ``score(batch)`` returns logits, in eval mode, without autograd.
+
+    ``model`` is the served backbone; ``task`` the whole served task where the method's export holds more
+    than the backbone (then ``score`` is the task's)."""
 
     model: Backbone
     schema: PreparedSchema
     meta: dict[str, Any]
+    task: Task | None = None
 
     @torch.no_grad()
     def score(self, batch: Batch) -> torch.Tensor:
-        return self.model(batch).logit
+        return self.task.score(batch) if self.task is not None else self.model(batch).logit
 
 
-def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -> Path:
-    """Write the served backbone of a finished training run to ``out`` (replaced atomically)."""
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
+               inputs: dict[str, str] | None = None) -> Path:
+    """Write the served model of a finished training run to ``out`` (replaced atomically). ``inputs``: what a
+    method's ``export_task`` reads besides the run (SRP4CTR: ``history_cache``)."""
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and not (out / "export.json").is_file() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an exported model: refusing to replace it")
-    from recsys.experiment import load_config
+    from recsys.experiment import build_task, load_config
     from recsys.methods import METHODS
-    from recsys.methods.registry import exportable
+    from recsys.methods.registry import exportable, get_method
 
     cfg = load_config(run_dir / "config.yaml")
-    if not exportable(cfg):
-        names = sorted(n for n, s in METHODS.items() if s.exports)
-        raise ConfigError(f"{run_dir} trained method {cfg.method.name!r}, whose served model is more than a "
-                          f"backbone; only {names} export as a bare backbone, given options that keep their served "
-                          "logit the backbone's (a network that needs feature "
-                          "tables or a language model at serving time is distilled into one first, e.g. "
-                          "elec_gain into elec_student)")
+    spec = get_method(cfg.method.name)
+    bare = exportable(cfg)
+    if not bare and spec.export_task is None:
+        names = sorted(n for n, s in METHODS.items() if s.exports or s.export_task)
+        raise ConfigError(f"{run_dir} trained method {cfg.method.name!r}, whose served model needs more than "
+                          f"recsys at serving time; {names} export, given options that keep their served model "
+                          "free of language models and feature tables (a network that needs them is distilled into "
+                          "a bare backbone first, e.g. elec_gain into elec_student)")
     schema = PreparedSchema.load(cfg.data.path)
     m = cfg.model
-    backbone = m.build(schema, torch.device("cpu"))
-    load_part(run_dir / "checkpoints" / checkpoint, backbone, source_prefix="model.")
+    ckpt = run_dir / "checkpoints" / checkpoint
     # the run looked rare and unseen ids up in <unk>'s row: the export's tables hold that row for them
-    bake_lookup(backbone, embedding_lookup(cfg.data.path, schema, cfg.data.min_count))
+    lookup = embedding_lookup(cfg.data.path, schema, cfg.data.min_count)
     metrics_file = run_dir / "test_metrics.json"
     meta = {
         "format_version": FORMAT_VERSION, "backbone": m.backbone, "embedding_dim": m.embedding_dim,
@@ -79,7 +90,19 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best") -
         "test_metrics": json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
     }
     with atomic_dir(out) as tmp:
-        torch.save(backbone.state_dict(), tmp / "model.pt")
+        if bare:
+            backbone = m.build(schema, torch.device("cpu"))
+            load_part(ckpt, backbone, source_prefix="model.")
+            bake_lookup(backbone, lookup)
+            state = backbone.state_dict()
+        else:
+            task = build_task(schema, cfg, torch.device("cpu"))
+            task.set_stage(task.stages[-1])
+            load_part(ckpt, task)
+            bake_lookup(task, lookup)
+            state, extra = spec.export_task(task.eval(), cfg, tmp, inputs or {})
+            meta |= {"served": "task", "experiment": cfg.to_dict(), **extra}
+        torch.save(state, tmp / "model.pt")
         (tmp / "schema.json").write_text(schema.to_json())
         (tmp / "export.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -98,11 +121,28 @@ def load_exported(folder: str | Path) -> ExportedModel:
     if spec is None:
         raise ValueError(f"{folder}: unknown backbone {meta['backbone']!r}")
     schema = PreparedSchema.load(folder)
-    config = from_dict(spec.config, meta["backbone_config"], f"{folder / 'export.json'}:backbone_config")
-    model = build_backbone(meta["backbone"], schema, meta["embedding_dim"], config, device=torch.device("cpu"))
     try:  # plain tensors only: weights_only refuses any other object, so loading runs no code
         state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(f"refusing {folder / 'model.pt'}: it holds more than tensors ({e})") from None
+    if meta.get("served") == "task":
+        return _load_task(folder, schema, meta, state)
+    config = from_dict(spec.config, meta["backbone_config"], f"{folder / 'export.json'}:backbone_config")
+    model = build_backbone(meta["backbone"], schema, meta["embedding_dim"], config, device=torch.device("cpu"))
     model.load_state_dict(state)
     return ExportedModel(model.eval(), schema, meta)
+
+
+def _load_task(folder: Path, schema: PreparedSchema, meta: dict[str, Any], state: dict) -> ExportedModel:
+    """A served task, rebuilt from the registry and the experiment recorded at export, with its method's files."""
+    from recsys.experiment import ExperimentConfig, build_task
+    from recsys.methods.registry import get_method
+
+    cfg = from_dict(ExperimentConfig, meta["experiment"], f"{folder / 'export.json'}:experiment")
+    method = get_method(cfg.method.name)
+    if method.load_task is None:
+        raise ValueError(f"{folder}: method {cfg.method.name!r} does not load as a served task")
+    task = build_task(schema, cfg, torch.device("cpu"))
+    task.set_stage(task.stages[-1])
+    method.load_task(task, folder, state, meta)
+    return ExportedModel(task.model.eval(), schema, meta, task.eval())

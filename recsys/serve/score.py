@@ -4,7 +4,8 @@ Score a Parquet file of requests with an exported model (python -m recsys.serve.
 model's feature columns as prepared ids, the layout of a prepared split (``runs/data/<dataset>/test.parquet``
 is one): unknown raw values map to id 1 upstream, exactly as preparation does. The output has one row per
 request, in order: ``logit`` and ``score`` (the click probability). With a ``label`` column the AUC and
-logloss are printed too. No language model or feature table is read.
+logloss are printed too. No language model is read, and no feature table but the one an SRP4CTR export carries
+(its cached history encodings).
 """
 
 from __future__ import annotations
