@@ -41,7 +41,7 @@ llactr() {
 # ELEC (gain network, students, the no-language-model control student), and the profile-text ablation
 elec() {
   local dataset=$1 data=$2 flags=("${@:3}")
-  $PY -m benchmarks.elec --dataset "$dataset" "${flags[@]}" --skip elec_student_alone --ablations elec_gain_profile
+  $PY -m benchmarks.elec --dataset "$dataset" "${flags[@]}" --skip elec_student_alone elec_student_rep --ablations elec_gain_profile
   $PY -m benchmarks.compare --data "$data" --record "elec_$data" --backbones deepfm dcnv2 \
     --variants elec_gain elec_student_score elec_student_both control_student_score --out "compare_${data}_elec"
   $PY -m benchmarks.compare --data "$data" --record "elec_$data" --backbones deepfm dcnv2 \

@@ -96,6 +96,7 @@ class ModelInfo:
     normalize: bool
     dtype: str
     head: str = ""  # "" or ELEC_TRANSFORM: the ELEC transformation MLP applied after pooling
+    end_token: bool = False  # a decoder pooled at its last token: every text ends with the end-of-text token
 
 
 class Engine(Protocol):
@@ -141,6 +142,7 @@ def describe_model(options: EngineOptions, engine: EngineKind) -> ModelInfo:
                      dim=config.hidden_size, max_length=max_length or limit,
                      pooling=options.pooling or default_pooling(config),
                      normalize=True if options.normalize is None else options.normalize, dtype=options.dtype)
+    info = replace(info, end_token=info.pooling is Pooling.LAST and config.is_decoder)
     if head is None:
         return info
     if head.input_dim != config.hidden_size:
@@ -180,32 +182,51 @@ def check_texts(texts: Sequence[str]) -> None:
 
 
 class TextTokenizer:
-    """The model's tokenizer, truncating to ``max_length`` and counting the texts it truncated."""
+    """The model's tokenizer, truncating to ``max_length`` and counting the texts it truncated.
 
-    def __init__(self, folder: Path, max_length: int, trust_remote_code: bool) -> None:
+    With ``end_token`` (a decoder pooled at its last token) every text ends with the tokenizer's end-of-text
+    token, appended where the tokenizer does not add it, so that the pooled state is always that of the same
+    token, the one that has read the whole text; a truncated text keeps it too.
+    """
+
+    def __init__(self, folder: Path, max_length: int, trust_remote_code: bool, end_token: bool = False) -> None:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True,
                                                        trust_remote_code=trust_remote_code)
         self.max_length = max_length
+        self.end_id: int | None = None
+        if end_token:
+            if self.tokenizer.eos_token_id is None:
+                raise ModelError(f"{folder}: the tokenizer has no end-of-text token (eos_token), which last-token "
+                                 "pooling of a decoder needs; set eos_token in tokenizer_config.json or pool by mean")
+            self.end_id = int(self.tokenizer.eos_token_id)
 
     def encode(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
         """Token ids per text (with the model's special tokens) and how many texts were truncated."""
         check_texts(texts)
         # Encode without truncation first to see the true lengths; re-encode only the long ones.
         ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        if self.end_id is not None:
+            ids = [x if x and x[-1] == self.end_id else [*x, self.end_id] for x in ids]
         long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
-        if long:
-            cut = self.tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True,
-                                 max_length=self.max_length)["input_ids"]
-            for i, x in zip(long, cut, strict=True):
-                ids[i] = x
+        for i in long:
+            if self.end_id is not None:  # cut the text, keep its end token
+                ids[i] = [*ids[i][: self.max_length - 1], self.end_id]
+            else:
+                ids[i] = self.tokenizer(texts[i], add_special_tokens=True, truncation=True,
+                                        max_length=self.max_length)["input_ids"]
         return ids, len(long)
 
     @property
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return 0 if pad is None else int(pad)  # pad positions are masked out: any id works
+
+
+def _tokenizer_for(info: ModelInfo, options: EngineOptions) -> TextTokenizer:
+    return TextTokenizer(Path(info.model_path), info.max_length, options.trust_remote_code,
+                         end_token=info.end_token)
 
 
 class _EngineBase:
@@ -254,7 +275,7 @@ class TransformersEngine(_EngineBase):
 
         self.info = describe_model(options, EngineKind.TRANSFORMERS)
         self.batch_size = options.batch_size
-        self._tokenizer = TextTokenizer(Path(self.info.model_path), self.info.max_length, options.trust_remote_code)
+        self._tokenizer = _tokenizer_for(self.info, options)
         self._model = AutoModel.from_pretrained(self.info.model_path, local_files_only=True,
                                                 dtype=getattr(torch, options.dtype),
                                                 trust_remote_code=options.trust_remote_code).eval()
@@ -309,7 +330,7 @@ class VLLMEngine(_EngineBase):
     def __init__(self, options: EngineOptions, vllm_options: VLLMOptions | None = None) -> None:
         vllm_options = vllm_options or VLLMOptions()
         self.info = describe_model(options, EngineKind.VLLM)
-        self._tokenizer = TextTokenizer(Path(self.info.model_path), self.info.max_length, options.trust_remote_code)
+        self._tokenizer = _tokenizer_for(self.info, options)
         self._load_head()
         # The model folder is local: never let vLLM (or its spawned workers) reach for the hub.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -97,7 +97,7 @@ def weights_hash(folder: Path, extra: Sequence[Path] = ()) -> str:
         entry = f"{file.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         digest = cache.get(entry)
         if digest is None:
-            digest = _file_sha256(file)
+            digest = file_sha256(file)
             cache[entry] = digest
             changed = True
         total.update(f"{file.name}:{digest}\n".encode())
@@ -106,7 +106,7 @@ def weights_hash(folder: Path, extra: Sequence[Path] = ()) -> str:
     return total.hexdigest()
 
 
-def _file_sha256(file: Path) -> str:
+def file_sha256(file: Path) -> str:
     h = hashlib.sha256()
     with open(file, "rb") as f:
         while chunk := f.read(1 << 24):
@@ -150,6 +150,9 @@ def read_model_config(folder: Path) -> ModelConfigInfo:
         raise ModelError(f"{folder / 'config.json'}: no hidden_size: cannot tell the embedding size")
     model_type = str(config.get("model_type", ""))
     archs = config.get("architectures") or []
+    if config.get("is_encoder_decoder"):
+        raise ModelError(f"{folder / 'config.json'}: {model_type or 'this model'} is an encoder-decoder model; the "
+                         "embedding jobs take an encoder (mean pooling) or a decoder (last-token pooling)")
     is_decoder = model_type in _DECODER_MODEL_TYPES or any(a.endswith("ForCausalLM") for a in archs)
     limit = text_config.get("max_position_embeddings") or text_config.get("n_positions")
     st_length, st_pooling = None, None
