@@ -202,17 +202,19 @@ class TextTokenizer:
                                  "pooling of a decoder needs; set eos_token in tokenizer_config.json or pool by mean")
             self.end_id = int(self.tokenizer.eos_token_id)
 
-    def encode(self, texts: Sequence[str]) -> tuple[list[list[int]], int]:
-        """Token ids per text (with the model's special tokens) and how many texts were truncated."""
+    def encode(self, texts: Sequence[str], end: bool = True) -> tuple[list[list[int]], int]:
+        """Token ids per text (with the model's special tokens) and how many texts were truncated. ``end=False``
+        leaves the end-of-text token off (a prompt whose last state is where an answer would begin)."""
         check_texts(texts)
+        end_id = self.end_id if end else None
         # Encode without truncation first to see the true lengths; re-encode only the long ones.
         ids = self.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-        if self.end_id is not None:
-            ids = [x if x and x[-1] == self.end_id else [*x, self.end_id] for x in ids]
+        if end_id is not None:
+            ids = [x if x and x[-1] == end_id else [*x, end_id] for x in ids]
         long = [i for i, x in enumerate(ids) if len(x) > self.max_length]
         for i in long:
-            if self.end_id is not None:  # cut the text, keep its end token
-                ids[i] = [*ids[i][: self.max_length - 1], self.end_id]
+            if end_id is not None:  # cut the text, keep its end token
+                ids[i] = [*ids[i][: self.max_length - 1], end_id]
             else:
                 ids[i] = self.tokenizer(texts[i], add_special_tokens=True, truncation=True,
                                         max_length=self.max_length)["input_ids"]
@@ -291,13 +293,7 @@ class TransformersEngine(_EngineBase):
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
-                batch = [ids[r] for r in rows]
-                width = max(len(x) for x in batch)
-                input_ids = torch.full((len(batch), width), self._tokenizer.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                for i, x in enumerate(batch):
-                    input_ids[i, :len(x)] = torch.tensor(x)
-                    mask[i, :len(x)] = 1
+                input_ids, mask = right_padded([ids[r] for r in rows], self._tokenizer.pad_id)
                 hidden = self._model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
                 out[rows] = self._project(pool(hidden, mask, self.info.pooling, self.info.normalize)).numpy()
         return self._check_output(out, len(ids))
@@ -305,6 +301,17 @@ class TransformersEngine(_EngineBase):
     def close(self) -> None:
         self._model = None
         gc.collect()
+
+
+def right_padded(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids [B, T], attention_mask [B, T])`` of token lists padded on the right, as :func:`pool` expects."""
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x)
+        mask[i, :len(x)] = 1
+    return input_ids, mask
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling, normalize: bool) -> torch.Tensor:

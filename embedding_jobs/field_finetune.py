@@ -8,9 +8,12 @@ validation or test), their readable text as the prompt and the field as the answ
 belongs to several fields is dropped (it has no single answer). A share of the values is held out to
 measure field-classification accuracy before and after.
 
-Loss: InfoNCE between the pooled, L2-normalised state of the value and those of all K field texts (the
-field table's own texts, ``embedding_jobs.templates.field_texts``), temperature 0.02; LoRA (peft) by
-default. The merged model is saved in Hugging Face format with the sentence-transformers pooling files,
+Loss: InfoNCE between the pooled, L2-normalised state of the query and those of all K field texts (the
+field table's own texts, ``embedding_jobs.templates.field_texts``), temperature 0.02; LoRA (peft) on the
+attention projections by default. The query is the value's text for an encoder (mean pooling); for a decoder
+it is the reference code's instruction ("Which field does the value ... belong to? The fields are: ...
+Answer:") and its state at the answer's position (the last token), while each field text is pooled at its
+end-of-text token, as the embedding job pools it (``--prompt`` chooses). The merged model is saved in Hugging Face format with the sentence-transformers pooling files,
 so ``python -m embedding_jobs.run --entity field --model OUT`` embeds the fields with it. ``report.json``
 holds the accuracies, the pair counts and the time taken.
 """
@@ -32,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from embedding_jobs.engines import pool
+from embedding_jobs.engines import TextTokenizer, pool, right_padded
 from embedding_jobs.model_files import (
     Pooling,
     default_pooling,
@@ -41,7 +44,7 @@ from embedding_jobs.model_files import (
     resolve_model_path,
 )
 from embedding_jobs.prepared import PreparedData
-from embedding_jobs.templates import field_texts
+from embedding_jobs.templates import display_name, field_texts
 from recsys.atomic import atomic_dir
 from recsys.data.schema import FIRST_ID, FieldKind
 
@@ -64,6 +67,23 @@ class FieldTuneOptions:
     max_length: int = 32
     seed: int = 0
     time_budget_s: float | None = None  # stop training after this long (CPU machines)
+    prompt: str = "auto"  # value: the value's text is the query; instruction: the reference's question; auto:
+    #                       instruction for decoders (the state at the answer's position), value for encoders
+
+
+INSTRUCTION = "Which field does the value \"{value}\" belong to? The fields are: {fields}. Answer with the field's name."
+
+
+def instruction_prompts(values: list[str], field_names: list[str], tokenizer) -> list[str]:
+    """LLaCTR's question for a decoder: the value and the candidate fields as a user turn, then the start of the
+    assistant's turn (the tokenizer's chat template, where it has one), so the last token's state (the query) is
+    where the model would begin to name the field."""
+    fields = ", ".join(field_names)
+    questions = [INSTRUCTION.format(value=v, fields=fields) for v in values]
+    if getattr(tokenizer, "chat_template", None):
+        return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                              add_generation_prompt=True) for q in questions]
+    return [f"{q}\nAnswer:" for q in questions]
 
 
 @dataclass
@@ -106,22 +126,23 @@ def build_pairs(data: PreparedData, values_per_field: int, holdout: float, seed:
 
 
 class PooledEncoder:
-    """A transformers model (LoRA-wrapped or not) and its tokenizer that give pooled text vectors, tokenized and
-    pooled as the embedding engines do. Shared by the field fine-tuning and ELEC's adaptation (ctr_adapt)."""
+    """A transformers model (LoRA-wrapped or not) and its tokenizer that give pooled text vectors, tokenized
+    (:class:`~embedding_jobs.engines.TextTokenizer`: a decoder's texts end with its end-of-text token) and pooled
+    as the embedding engines do. Shared by the field fine-tuning and ELEC's adaptation (ctr_adapt)."""
 
     def __init__(self, folder: Path, max_length: int, lora_rank: int | None, *, pooling: Pooling | None = None,
                  normalize: bool = True, trust_remote_code: bool = False) -> None:
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel
 
         self.folder = folder
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code,
-                                                       local_files_only=True)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.tokenizer.padding_side = "right"  # pooling expects right padding
+        config = read_model_config(folder)
+        self.pooling: Pooling = pooling or default_pooling(config)
+        self.text_tokenizer = TextTokenizer(folder, max_length, trust_remote_code,
+                                            end_token=self.pooling is Pooling.LAST and config.is_decoder)
+        self.tokenizer = self.text_tokenizer.tokenizer
         self.model = AutoModel.from_pretrained(folder, trust_remote_code=trust_remote_code, dtype=torch.float32,
                                                local_files_only=True)
-        self.pooling: Pooling = pooling or default_pooling(read_model_config(folder))
+        self.is_decoder = config.is_decoder
         self.normalize = normalize
         self.max_length = max_length
         if lora_rank:
@@ -132,19 +153,20 @@ class PooledEncoder:
             self.model = get_peft_model(self.model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank,
                                                                lora_dropout=0.0, target_modules=targets))
 
-    def encode(self, texts: list[str]) -> torch.Tensor:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
-        hidden = self.model(**batch).last_hidden_state
-        return pool(hidden, batch["attention_mask"], self.pooling, self.normalize)
+    def encode(self, texts: list[str], end: bool = True) -> torch.Tensor:
+        """Pooled states; ``end=False``: a decoder's prompt without the end token (its last state answers)."""
+        ids, _ = self.text_tokenizer.encode(texts, end=end)
+        input_ids, mask = right_padded(ids, self.text_tokenizer.pad_id)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        return pool(hidden, mask, self.pooling, self.normalize)
 
     @torch.no_grad()
-    def accuracy(self, pairs: Pairs, fields: list[str], batch_size: int = 256) -> float:
+    def accuracy(self, pairs: Pairs, fields: list[str], batch_size: int = 256, query_end: bool = True) -> float:
         self.model.eval()
         keys = self.encode(fields)
         hits = 0
         for s in range(0, len(pairs.texts), batch_size):
-            pred = (self.encode(pairs.texts[s:s + batch_size]) @ keys.T).argmax(-1).numpy()
+            pred = (self.encode(pairs.texts[s:s + batch_size], end=query_end) @ keys.T).argmax(-1).numpy()
             hits += int((pred == pairs.labels[s:s + batch_size]).sum())
         return hits / max(len(pairs.texts), 1)
 
@@ -170,8 +192,21 @@ def finetune(opts: FieldTuneOptions, progress: bool = True) -> dict:
         raise ValueError(f"{opts.dataset}: no field has training values to build pairs from")
     log.info("%d training pairs and %d held-out pairs over %d fields", len(train.texts), len(held.texts),
              len(set(train.labels.tolist())))
-    enc = PooledEncoder(resolve_model_path(opts.model), opts.max_length, opts.lora_rank if opts.lora else None)
-    before = enc.accuracy(held, fields)
+    folder = resolve_model_path(opts.model)
+    prompt = opts.prompt if opts.prompt != "auto" else ("instruction" if read_model_config(folder).is_decoder
+                                                        else "value")
+    if prompt not in ("value", "instruction"):
+        raise ValueError(f"prompt {opts.prompt!r}: choose auto, value or instruction")
+    # the question lists every field, so it is far longer than a value
+    enc = PooledEncoder(folder, max(opts.max_length, 256) if prompt == "instruction" else opts.max_length,
+                        opts.lora_rank if opts.lora else None)
+    query_end = prompt == "value"  # an instruction's last state is the answer's position: no end token after it
+    if prompt == "instruction":
+        names = [display_name(f.name) for f in data.schema.fields]
+        train = Pairs(instruction_prompts(train.texts, names, enc.tokenizer), train.labels)
+        held = Pairs(instruction_prompts(held.texts, names, enc.tokenizer), held.labels)
+    log.info("queries: %s (%s pooling), e.g. %r", prompt, enc.pooling, train.texts[0])
+    before = enc.accuracy(held, fields, query_end=query_end)
     log.info("held-out field accuracy before fine-tuning: %.3f (chance %.3f)", before, 1 / len(fields))
     params = [p for p in enc.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr)
@@ -185,7 +220,7 @@ def finetune(opts: FieldTuneOptions, progress: bool = True) -> dict:
                    disable=not progress, unit="batch")
         for s in bar:
             idx = order[s:s + opts.batch_size]
-            queries = enc.encode([train.texts[i] for i in idx])
+            queries = enc.encode([train.texts[i] for i in idx], end=query_end)
             keys = enc.encode(fields)
             loss = F.cross_entropy(queries @ keys.T / opts.temperature, labels[idx])
             optimizer.zero_grad()
@@ -200,11 +235,12 @@ def finetune(opts: FieldTuneOptions, progress: bool = True) -> dict:
             log.info("time budget of %.0f s reached after %d steps", opts.time_budget_s, steps)
             break
     train_s = time.perf_counter() - start
-    after = enc.accuracy(held, fields)
+    after = enc.accuracy(held, fields, query_end=query_end)
     log.info("held-out field accuracy after fine-tuning: %.3f (before %.3f)", after, before)
     report = {"accuracy_before": before, "accuracy_after": after, "chance": 1 / len(fields),
               "train_pairs": len(train.texts), "heldout_pairs": len(held.texts), "steps": steps,
-              "train_seconds": train_s, "stopped_by_time_budget": stopped, "dataset_fingerprint":
+              "train_seconds": train_s, "stopped_by_time_budget": stopped, "prompt": prompt,
+              "pooling": str(enc.pooling), "model": str(folder), "dataset_fingerprint":
               data.schema.fingerprint, "options": {k: str(v) for k, v in asdict(opts).items()}}
     with atomic_dir(opts.out) as tmp:  # a crash leaves the previous folder or the new one, never half of one
         enc.save(tmp)
@@ -229,13 +265,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--time-budget-s", type=float, default=None, help="stop training after this many seconds")
+    p.add_argument("--prompt", choices=["auto", "value", "instruction"], default=d.prompt,
+                   help="the query: the value's text, or the reference's question listing the fields (auto: the "
+                        "question for decoders, the value for encoders)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     opts = FieldTuneOptions(dataset=a.dataset, out=a.out, model=a.model or packaged_minilm(),
                             values_per_field=a.values_per_field, holdout=a.holdout, epochs=a.epochs,
                             batch_size=a.batch_size, lr=a.lr, temperature=a.temperature, lora=not a.full,
-                            lora_rank=a.lora_rank, seed=a.seed, time_budget_s=a.time_budget_s)
+                            lora_rank=a.lora_rank, seed=a.seed, time_budget_s=a.time_budget_s, prompt=a.prompt)
     report = finetune(opts, progress=not a.no_progress)
     print(f"field accuracy on held-out values: {report['accuracy_before']:.3f} -> {report['accuracy_after']:.3f} "
           f"(chance {report['chance']:.3f}); {report['steps']} steps in {report['train_seconds']:.0f}s; "

@@ -68,3 +68,23 @@ def test_finetuning_a_tiny_model_beats_chance(ml100k, tiny_bert, tmp_path):
     assert report["accuracy_after"] > 2 * report["chance"]
     assert report["accuracy_after"] > report["accuracy_before"]
     assert (tmp_path / "model" / "model.safetensors").is_file() and (tmp_path / "model" / "report.json").is_file()
+
+
+def test_a_decoder_learns_from_the_instruction_at_the_answers_position(ml100k, tmp_path):
+    """A decoder's query is the reference's question (every field listed), its state where the answer begins;
+    the field texts are pooled at their end token, as the embedding job pools them; LoRA on the attention."""
+    from embedding_jobs.engines import EngineOptions, TransformersEngine
+    from embedding_jobs.materialize import materialize
+    from embedding_jobs.templates import field_texts
+    from embedding_jobs.tiny_models import save_tiny_gguf
+
+    data = PreparedData.open(ml100k)
+    corpus = [*field_texts(data).texts, "Which field does the value belong to? The fields are: Answer with"] * 30
+    materialize(save_tiny_gguf(tmp_path / "tiny.gguf", corpus), tmp_path / "decoder")
+    opts = FieldTuneOptions(dataset=ml100k, out=tmp_path / "model", model=tmp_path / "decoder", values_per_field=30, epochs=3,
+                            batch_size=32, lr=3e-3, lora_rank=8, seed=0)
+    report = finetune(opts, progress=False)
+    assert report["prompt"] == "instruction" and report["pooling"] == "last"
+    assert report["accuracy_after"] > report["accuracy_before"]
+    engine = TransformersEngine(EngineOptions(model=tmp_path / "model"))  # the merged model embeds the fields
+    assert engine.info.end_token and engine.embed(field_texts(data).texts[:3]).shape == (3, 128)
