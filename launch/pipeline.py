@@ -41,7 +41,8 @@ def steps(args: argparse.Namespace) -> list[Step]:
     output is already complete builds None and is skipped (a fine-tuned model is not trained again: its
     feature tables were made with exactly those weights)."""
     root = Path(args.root)
-    data, features, runs = root / "data" / args.dataset, root / "features" / args.dataset, root / "runs"
+    data, runs = root / "data" / args.dataset, root / "runs"
+    features = root / "features" / (args.dataset if args.llm == "minilm" else f"{args.dataset}-{args.llm}")
     common = [f"data.path={data}", f"train.out_dir={runs}", f"model.backbone={args.backbone}"]
     local = args.scheduler == "local_cwd"
     image = {} if local else {"image": args.image}
@@ -50,15 +51,21 @@ def steps(args: argparse.Namespace) -> list[Step]:
     base, llactr, gain, student, srp = trained_runs(args)
     out: list[Step] = [
         ("prepare", lambda: components.prepare(args.dataset, str(data), **image))]
-    fields_model = root / "models" / f"{args.dataset}-fields"
+    llm = {}  # the language model every LM step starts from: the packaged MiniLM unless --llm says otherwise
+    tag = "" if args.llm == "minilm" else f"-{args.llm}"
+    if args.llm != "minilm":
+        llm_dir = root / "models" / args.llm
+        llm = {"model": str(llm_dir)}
+        out.append((f"materialize {args.llm}", lambda: components.materialize(args.llm, str(llm_dir), **image)))
+    fields_model = root / "models" / f"{args.dataset}{tag}-fields"
     out.append(("fine-tune fields", lambda: None if (fields_model / "report.json").is_file() else
                 components.finetune_fields(str(data), str(fields_model), time_budget_s=args.finetune_budget_s,
-                                           **image)))
+                                           **llm, **image)))
     out.append(("embed field", lambda: components.embed("field", str(data), str(features), model=str(fields_model),
                                                         engine=args.engine, **image)))
-    elec_model = root / "models" / f"{args.dataset}-elec"
+    elec_model = root / "models" / f"{args.dataset}{tag}-elec"
     out.append(("adapt LM (ELEC)", lambda: None if (elec_model / "report.json").is_file() else
-                components.adapt_lm(str(data), str(elec_model), time_budget_s=args.adapt_budget_s, **image)))
+                components.adapt_lm(str(data), str(elec_model), time_budget_s=args.adapt_budget_s, **llm, **image)))
     for entity in ("user", "item"):
         out.append((f"embed {entity}", lambda e=entity: components.embed(
             e, str(data), str(features), model=str(elec_model), engine=args.engine, replicas=args.replicas,
@@ -91,7 +98,7 @@ def steps(args: argparse.Namespace) -> list[Step]:
 
 
 def run_name(args: argparse.Namespace) -> str:
-    return f"{args.dataset.replace('-', '')}_{args.backbone}"
+    return f"{args.dataset.replace('-', '')}_{args.backbone}" + ("" if args.llm == "minilm" else f"_{args.llm}")
 
 
 def _auc(regimes: dict, name: str) -> str:
@@ -108,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="recsys/configs/ml100k_deepfm.yaml")
     p.add_argument("--root", default="runs/pipeline", help="folder for data, feature tables and runs")
     p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
+    p.add_argument("--llm", default="minilm", choices=["minilm", "smollm2"],
+                   help="the language model of every LM step: the packaged MiniLM encoder (default), or the packaged "
+                        "SmolLM2-135M-Instruct decoder, materialised first (far slower on CPU; see the README)")
     p.add_argument("--replicas", type=int, default=1, help="embedding processes per entity")
     p.add_argument("--finetune-budget-s", type=int, default=180, help="time budget of the field fine-tuning")
     p.add_argument("--adapt-budget-s", type=int, default=120, help="time budget of ELEC's language-model adaptation")

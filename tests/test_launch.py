@@ -259,6 +259,19 @@ def test_pipeline_dryrun_on_a_cluster_lists_every_step(tmp_path, capsys):
     assert "method.name=srp4ctr" in out and "embedding_jobs.history_encodings" in out and "--history-cache" in out
 
 
+def test_pipeline_with_the_packaged_decoder_materialises_it_first(tmp_path, capsys):
+    from launch.pipeline import main
+
+    assert main(["--scheduler", "slurm", "--image", "/shared/llmctr", "--root", str(tmp_path), "--dryrun",
+                 "--llm", "smollm2"]) == 0
+    out = capsys.readouterr().out
+    titles = [line.split(" ===")[0][4:] for line in out.splitlines() if line.startswith("=== ")]
+    assert titles[:3] == ["prepare", "materialize smollm2", "fine-tune fields"]
+    assert "embedding_jobs.materialize" in out and f"--model {tmp_path}/models/smollm2" in out
+    with pytest.raises(ValueError, match="choose from"):
+        components.materialize("llama-70b", "out")
+
+
 def test_elec_appdefs_check_their_inputs(ml100k, tmp_path):
     (role,) = components.adapt_lm(str(ml100k), "out/elec", time_budget_s=60).roles
     assert role.args[:2] == ["-m", "embedding_jobs.ctr_adapt"] and "60" in role.args
