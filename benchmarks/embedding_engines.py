@@ -4,9 +4,10 @@
     python -m benchmarks.embedding_engines --section engines  # engines side by side (about 3 minutes)
     python -m benchmarks.embedding_engines --section ml1m     # every field, feature, item and user of ML-1M
 
-Section ``engines``: the packaged MiniLM (pretrained encoder, mean pooling) and a small random Qwen2 decoder
-(4 layers, hidden 256, byte-level BPE trained on the texts, last-token pooling) each embed the same texts (ML-100K item and user texts) with
-both engines. Each measurement is a fresh process: start-up time, then texts/s after a warm-up, with the
+Section ``engines``: the packaged MiniLM (pretrained encoder, mean pooling), a small random Qwen2 decoder
+(4 layers, hidden 256, byte-level BPE trained on the texts, last-token pooling) and the packaged SmolLM2-135M-Instruct
+(pretrained decoder, materialised with ``embedding_jobs.materialize``, last-token pooling) each embed the same texts
+(ML-100K item and user texts) with both engines. Each measurement is a fresh process: start-up time, then texts/s after a warm-up, with the
 peak resident memory of the process and its children (vLLM's engine core) sampled every 50 ms. The two
 engines' vectors are compared (lowest cosine).
 
@@ -144,6 +145,13 @@ def run_engines(args: argparse.Namespace, work: Path) -> dict:
     models = {"MiniLM-L6 (pretrained encoder, 22M)": packaged_minilm(),
               "Qwen2 4x256 (random decoder)": save_tiny_decoder(work / "qwen2-4x256", texts, layers=4, hidden=256,
                                                                 heads=4, vocab_size=4000)}
+    if not args.no_smollm2:  # the packaged decoder LLM, materialised once (a rerun finds it and does nothing)
+        from embedding_jobs.materialize import materialize, packaged_gguf
+
+        folder = REPO / "runs" / "models" / "smollm2"
+        gguf, sha256 = packaged_gguf("smollm2")
+        materialize(gguf, folder, sha256)
+        models["SmolLM2-135M-Instruct (pretrained decoder, 135M)"] = folder
     # transformers twice: torch's default threads, and one thread (on a busy machine, two OpenMP threads
     # that wait for each other can be slower than one)
     variants = list(dict.fromkeys([("transformers", args.threads), ("transformers", 1), ("vllm", None)]))
@@ -322,6 +330,7 @@ def main() -> int:
     p.add_argument("--ml1m-engine", choices=("transformers", "vllm"), default=None,
                    help="default: the faster engine for MiniLM in the engines section")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--no-smollm2", action="store_true", help="leave the packaged SmolLM2 decoder out of the engines")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.1, help="vLLM's KV-cache share of RAM")
     p.add_argument("--ml100k", type=Path, default=None, help="a prepared ML-100K (default: prepared here)")
     p.add_argument("--ml1m", type=Path, default=None, help="a prepared ML-1M (default: prepared here)")
