@@ -49,6 +49,19 @@ def save_tiny_masked_lm(folder: Path, *, layers: int = 2, hidden: int = 64, head
     return folder
 
 
+def _byte_level_bpe(corpus: Sequence[str], vocab_size: int):
+    """A byte-level BPE tokenizer (GPT-2 style) trained on ``corpus``, with ``<|endoftext|>`` as its one special."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(list(corpus), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[_END], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return bpe
+
+
 def save_tiny_decoder(folder: Path, corpus: Sequence[str], *, layers: int = 2, hidden: int = 128, heads: int = 2,
                       vocab_size: int = 2000, seed: int = 0) -> Path:
     """A random Qwen2 decoder with a byte-level BPE tokenizer trained on ``corpus``.
@@ -57,17 +70,11 @@ def save_tiny_decoder(folder: Path, corpus: Sequence[str], *, layers: int = 2, h
     A BERT tokenizer would not do here: for a ``qwen2`` model, transformers loads a Qwen2 tokenizer, which
     reads a WordPiece vocabulary as single characters.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     if hidden != 64 * heads:
         raise ValueError(f"hidden ({hidden}) must be 64 x heads ({heads}): vLLM on CPU needs heads of 64")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(list(corpus), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[_END], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    bpe = _byte_level_bpe(corpus, vocab_size)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=_END, pad_token=_END, model_max_length=512)
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
@@ -90,15 +97,9 @@ def save_tiny_gguf(path: Path, corpus: Sequence[str], *, layers: int = 2, hidden
     written as a float32 GGUF file by the ``gguf`` package, as llama.cpp writes one. The same model is saved as a
     Hugging Face folder beside it (``<path>.hf``), the reference a materialised copy must equal."""
     import gguf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(list(corpus), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[_END], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    bpe = _byte_level_bpe(corpus, vocab_size)
     spec = json.loads(bpe.to_str())["model"]
     tokens = [t for t, _ in sorted(spec["vocab"].items(), key=lambda kv: kv[1])]
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["merges"]]
