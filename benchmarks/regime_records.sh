@@ -56,7 +56,8 @@ srp4ctr() {
               srp_cross "method.name=srp4ctr method.srp4ctr.queries=0"
               srp_cross_nopre "method.name=srp4ctr method.srp4ctr.queries=0 method.srp4ctr.pretrain=false"
               srp_qformer "method.name=srp4ctr method.srp4ctr.cross=false"
-              srp_qformer_nopre "method.name=srp4ctr method.srp4ctr.cross=false method.srp4ctr.pretrain=false")
+              srp_qformer_nopre "method.name=srp4ctr method.srp4ctr.cross=false method.srp4ctr.pretrain=false"
+              srp_both_concat "method.name=srp4ctr method.srp4ctr.combine=concat")
   for ((i = 0; i < ${#runs[@]}; i += 2)); do
     # shellcheck disable=SC2086
     $PY -m benchmarks.quality --dataset ml-100k --backbones deepfm dcnv2 --variant "${runs[i]}" ${runs[i + 1]}
@@ -67,6 +68,11 @@ srp4ctr() {
     $PY -m benchmarks.compare --data ml-100k --backbones deepfm dcnv2 --variants "srp_$v" \
       --reference "srp_${v}_nopre" --out "compare_ml-100k_srp_${v}_vs_nopre"
   done
+  # a position as the sum of its embeddings (the default) or their concatenation, projected
+  $PY -m benchmarks.compare --data ml-100k --backbones deepfm dcnv2 --variants srp_both_concat \
+    --reference srp_both --out compare_ml-100k_srp_concat_vs_sum
+  $PY -m benchmarks.srp4ctr_pretrain --dataset ml-100k --backbones deepfm dcnv2
+  $PY -m benchmarks.srp4ctr_cost --dataset ml-100k --backbone deepfm
 }
 
 case $what in
@@ -76,5 +82,5 @@ case $what in
   elec) elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
   all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
        elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
-  *) echo "usage: $0 [all|base|llactr|elec]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|base|llactr|elec|srp4ctr]" >&2; exit 2 ;;
 esac
