@@ -86,8 +86,8 @@ def main(spec_path: str, out_path: str) -> int:
                 results.append({"plan": plan["name"], "case": case["name"], "rank": env.rank, "refused": str(e)})
                 continue
             load_part(case["checkpoint"], dmp)
-            for prefix, path in task.warm_start().items():  # as the trainer warm-starts
-                load_part(path, dmp, target_prefix=prefix)
+            for prefix, (path, source) in task.warm_start().items():  # as the trainer warm-starts
+                load_part(path, dmp, target_prefix=prefix, source_prefix=source)
             dmp.eval()
             ref = reference[case["name"]]
             d_logit = d_loss = 0.0

@@ -161,3 +161,32 @@ def test_a_cache_of_other_histories_another_encoder_or_dataset_is_refused(srp_ru
         load_history_cache(root / "cache", fingerprint="0" * 16, fields=f.all, length=f.length, dim=8)
     with pytest.raises(ConfigError, match="history-cache"):
         export_run(run, tmp_path / "y")
+
+
+def test_one_pre_training_serves_another_backbone(srp_run, tmp_path):
+    """``pretrained_run``: a DCNv2 run skips its own pre-training and starts from the DeepFM run's pre-trained
+    encoder, which (frozen in fine-tuning) it keeps exactly."""
+    from recsys.train.checkpoint import load_part
+
+    data, _, run, _, _ = srp_run
+    build_trainer(_cfg(data, tmp_path, "model.backbone=dcnv2", f"method.srp4ctr.pretrained_run={run}",
+                       "train.epochs=1")).fit()
+    assert not (tmp_path / "s" / "stages" / "pretrain").exists()  # no pre-training of its own
+    schema = PreparedSchema.load(data)
+
+    def encoder(checkpoint: Path) -> dict[str, torch.Tensor]:
+        task = build_task(schema, _cfg(data, tmp_path), device=torch.device("cpu"))
+        assert load_part(checkpoint, task, "fgbert.encoder.", "fgbert.encoder.") > 0
+        return {k: v.clone() for k, v in task.state_dict().items() if k.startswith("fgbert.encoder.")}
+
+    pretrained = encoder(run / "stages" / "pretrain" / "checkpoints" / "best")
+    fine_tuned = encoder(tmp_path / "s" / "checkpoints" / "best")
+    fresh = build_task(schema, _cfg(data, tmp_path, "train.seed=11"), device=torch.device("cpu")).state_dict()
+    assert pretrained and pretrained.keys() == fine_tuned.keys()
+    assert all(torch.equal(pretrained[k], fine_tuned[k]) for k in pretrained)
+    assert not all(torch.equal(pretrained[k], fresh[k]) for k in pretrained)  # the comparison can fail
+    with pytest.raises(ConfigError, match="no pre-training checkpoint"):
+        build_trainer(_cfg(data, tmp_path, "name=x", f"method.srp4ctr.pretrained_run={tmp_path / 's'}"))
+    with pytest.raises(ConfigError, match="contradicts"):
+        build_trainer(_cfg(data, tmp_path, "name=y", f"method.srp4ctr.pretrained_run={run}",
+                           "method.srp4ctr.pretrain=false"))

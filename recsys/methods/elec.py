@@ -239,9 +239,9 @@ class ELECStudentTask(Task):
             self.teacher.train(False)  # a frozen teacher always predicts as it was evaluated
         return self
 
-    def warm_start(self) -> dict[str, str]:
-        """A two-stage teacher's weights come from the gain network's best checkpoint."""
-        return {"teacher.": str(Path(self.teacher_run) / "checkpoints" / "best")} if self.teacher_run else {}
+    def warm_start(self) -> dict[str, tuple[str, str]]:
+        """A two-stage teacher's weights come from the gain network's best checkpoint (its whole task)."""
+        return {"teacher.": (str(Path(self.teacher_run) / "checkpoints" / "best"), "")} if self.teacher_run else {}
 
     def _teacher(self, batch: Batch) -> CTROutput:
         if self.frozen_teacher:

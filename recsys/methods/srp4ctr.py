@@ -24,6 +24,11 @@ Stages:
    candidate then costs the cross-attention and the Q-Former.
 
 ``pretrain=false`` is the control: the same architecture with a randomly initialised encoder.
+
+``pretrained_run`` points at a finished SRP4CTR run: this run skips its own pre-training and starts from that
+run's pre-trained encoder and sequence embedding tables (its ``stages/pretrain`` best checkpoint), the
+method's promise that one pre-training serves any production model. The architecture of the encoder
+(``combine``, ``layers``, ``heads``) and ``model.embedding_dim`` must match; the backbone may differ.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ class SRP4CTRConfig:
     queries: int = 2  # Q-Former queries (K extra fields); 0: no Q-Former
     qformer_layers: int = 2
     freeze_encoder: bool = True  # in fine-tuning: what a cache of per-user encodings would serve
+    pretrained_run: str = ""  # a finished SRP4CTR run whose pre-trained encoder this run starts from
 
     def __post_init__(self) -> None:
         self.combine = Combine(self.combine)
@@ -208,12 +214,20 @@ class SRP4CTRTask(Task):
         self.cross = CrossAttention(d, cfg.heads) if cfg.cross else None
         self.qformer = QFormer(d, cfg.queries, cfg.qformer_layers, cfg.heads) if cfg.queries else None
         self.cache: HistoryCache | None = None
+        self.pretrained_run = cfg.pretrained_run
         self.set_stage(self.stage)  # which parameters train, before DistributedModelParallel wraps the task
 
     def _sequences(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         emb, seqs = self.model.sparse_arch.embed(batch)
         mask = seqs[self.fields.item_history][1]
         return emb, {name: seqs[name][0] for name in self.fields.all}, mask
+
+    def warm_start(self) -> dict[str, tuple[str, str]]:
+        """The encoder and the sequence tables it was pre-trained with come from ``pretrained_run``."""
+        if not self.pretrained_run:
+            return {}
+        best = str(pretrained_checkpoint(self.pretrained_run))
+        return {prefix: (best, prefix) for prefix in ("fgbert.", "model.sparse_arch.ec.")}
 
     def use_cache(self, cache: HistoryCache | None) -> None:
         """Read the encoder's output from cached encodings (``embedding_jobs.history_encodings``) instead of
@@ -277,8 +291,22 @@ class SRP4CTRTask(Task):
 # ------------------------------------------------------------------------------------------------
 # Registration
 # ------------------------------------------------------------------------------------------------
+def pretrained_checkpoint(run: str | Path) -> Path:
+    """The best checkpoint of ``run``'s pre-training stage, or a clear error naming what is missing."""
+    best = Path(run) / "stages" / PRETRAIN.name / "checkpoints" / "best"
+    if not best.is_dir():
+        raise ConfigError(f"method.srp4ctr.pretrained_run={run}: no pre-training checkpoint at {best} "
+                          "(is it a finished SRP4CTR run with pretrain=true?)")
+    return best
+
+
 def _check(cfg: ExperimentConfig, schema: PreparedSchema | None) -> None:
     c = cfg.method.srp4ctr
+    if c.pretrained_run:
+        if not c.pretrain:
+            raise ConfigError("method.srp4ctr: pretrained_run starts from a pre-trained encoder; "
+                              "pretrain=false (the control) contradicts it")
+        pretrained_checkpoint(c.pretrained_run)
     if not c.cross and c.queries == 0:
         raise ConfigError("method.srp4ctr: cross=false and queries=0 leave nothing for the encoder to feed the "
                           "backbone; enable the cross-attention or give the Q-Former K >= 1 queries")
@@ -298,7 +326,8 @@ def _build(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.device |
     vocab = {name: schema.field(name).vocab_size for name in fields.all}
     fgbert = FGBert(cfg.model.embedding_dim, fields, vocab, c)
     item_index = backbone.sparse_arch.sparse_names.index(fields.item)
-    stages = ((PRETRAIN,) if c.pretrain else ()) + (CTR_STAGE,)
+    own_pretraining = c.pretrain and not c.pretrained_run
+    stages = ((PRETRAIN,) if own_pretraining else ()) + (CTR_STAGE,)
     return SRP4CTRTask(backbone, fgbert, fields, item_index, c, stages)
 
 

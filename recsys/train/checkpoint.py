@@ -204,5 +204,7 @@ def load_part(path: str | Path, module: nn.Module, target_prefix: str = "", sour
     state = {"model": wanted}
     _load(state, path, partial=True)
     loaded = {target_prefix + k[len(source_prefix):]: v for k, v in state["model"].items()}
-    module.load_state_dict(loaded, strict=False)
+    # the rest of the module keeps its own tensors, loaded back with the part: a sharded embedding
+    # collection's load hook requires its tables to be present
+    module.load_state_dict(module.state_dict() | loaded)
     return len(loaded)

@@ -146,8 +146,9 @@ class Task(nn.Module):
         """Per-row files aligned with ``split`` (e.g. cached token ids) whose columns go into Batch.extras."""
         return ()
 
-    def warm_start(self) -> dict[str, str]:
-        """``{parameter prefix: checkpoint folder}`` loaded after sharding, unless the run resumes."""
+    def warm_start(self) -> dict[str, tuple[str, str]]:
+        """``{parameter prefix: (checkpoint folder, the prefix of those tensors there)}`` loaded after
+        sharding, unless the run resumes."""
         return {}
 
     # ---- the one forward -----------------------------------------------------------------------

@@ -177,8 +177,8 @@ class Trainer:
                                           find_unused_parameters=len(task.stages) > 1)
         self.plan_text = describe_plan(plan)
         if not started:  # a resumed run has these weights in its own checkpoint
-            for prefix, path in task.warm_start().items():
-                n = load_part(path, self.model, target_prefix=prefix)
+            for prefix, (path, source) in task.warm_start().items():
+                n = load_part(path, self.model, target_prefix=prefix, source_prefix=source)
                 self._log(f"loaded {n} tensors of {prefix.rstrip('.')} from {path}")
         self.lookup = embedding_lookup(cfg.data.path, schema, cfg.data.min_count)
         self.stage = task.stages[0]
