@@ -51,16 +51,20 @@ elec() {
 # SRP4CTR on ML-100K (the one dataset here with time-ordered histories): DIN, each pre-trained variant, and the
 # same architectures without pre-training (pre-training runs train.epochs, 10 in the config, with early stopping)
 srp4ctr() {
+  # DeepFM's srp_both runs pre-train (one encoder per seed); every other pre-trained run fine-tunes from that
+  # seed's encoder (method.srp4ctr.pretrained_run), so variants differ only in what they fine-tune
+  local q="$PY -m benchmarks.quality --dataset ml-100k" from="method.srp4ctr.pretrained_run=runs/bench/ml100k_deepfm"
+  $q --backbones deepfm --variant srp_both method.name=srp4ctr
   local runs=(din "method.name=din"
-              srp_both "method.name=srp4ctr" srp_both_nopre "method.name=srp4ctr method.srp4ctr.pretrain=false"
-              srp_cross "method.name=srp4ctr method.srp4ctr.queries=0"
+              srp_both "method.name=srp4ctr ${from}_srp_both_s{seed}"
+              srp_both_nopre "method.name=srp4ctr method.srp4ctr.pretrain=false"
+              srp_cross "method.name=srp4ctr method.srp4ctr.queries=0 ${from}_srp_both_s{seed}"
+              srp_qformer "method.name=srp4ctr method.srp4ctr.cross=false ${from}_srp_both_s{seed}"
               srp_cross_nopre "method.name=srp4ctr method.srp4ctr.queries=0 method.srp4ctr.pretrain=false"
-              srp_qformer "method.name=srp4ctr method.srp4ctr.cross=false"
-              srp_qformer_nopre "method.name=srp4ctr method.srp4ctr.cross=false method.srp4ctr.pretrain=false"
-              srp_both_concat "method.name=srp4ctr method.srp4ctr.combine=concat")
+              srp_qformer_nopre "method.name=srp4ctr method.srp4ctr.cross=false method.srp4ctr.pretrain=false")
   for ((i = 0; i < ${#runs[@]}; i += 2)); do
     # shellcheck disable=SC2086
-    $PY -m benchmarks.quality --dataset ml-100k --backbones deepfm dcnv2 --variant "${runs[i]}" ${runs[i + 1]}
+    $q --backbones deepfm dcnv2 --variant "${runs[i]}" ${runs[i + 1]}
   done
   $PY -m benchmarks.compare --data ml-100k --backbones deepfm dcnv2 --out compare_ml-100k_srp4ctr \
     --variants din srp_cross srp_qformer srp_both srp_cross_nopre srp_qformer_nopre srp_both_nopre
@@ -68,11 +72,14 @@ srp4ctr() {
     $PY -m benchmarks.compare --data ml-100k --backbones deepfm dcnv2 --variants "srp_$v" \
       --reference "srp_${v}_nopre" --out "compare_ml-100k_srp_${v}_vs_nopre"
   done
-  # a position as the sum of its embeddings (the default) or their concatenation, projected
+  $PY -m benchmarks.srp4ctr_pretrain --dataset ml-100k --backbones deepfm
+  $PY -m benchmarks.srp4ctr_cost --dataset ml-100k --backbone deepfm
+  # a position as the sum of its embeddings (the default) or their concatenation, projected: its own encoder
+  $q --backbones deepfm --variant srp_both_concat method.name=srp4ctr method.srp4ctr.combine=concat
+  $q --backbones deepfm dcnv2 --variant srp_both_concat method.name=srp4ctr method.srp4ctr.combine=concat \
+    "${from}_srp_both_concat_s{seed}"
   $PY -m benchmarks.compare --data ml-100k --backbones deepfm dcnv2 --variants srp_both_concat \
     --reference srp_both --out compare_ml-100k_srp_concat_vs_sum
-  $PY -m benchmarks.srp4ctr_pretrain --dataset ml-100k --backbones deepfm dcnv2
-  $PY -m benchmarks.srp4ctr_cost --dataset ml-100k --backbone deepfm
 }
 
 case $what in

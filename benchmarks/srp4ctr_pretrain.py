@@ -1,7 +1,7 @@
 """SRP4CTR's pre-training on its own terms: masked-item hit rate at 10 and masked side-field accuracy on the
 validation rows' histories, against a popularity baseline, per seed.
 
-    python -m benchmarks.srp4ctr_pretrain --dataset ml-100k --backbones deepfm dcnv2
+    python -m benchmarks.srp4ctr_pretrain --dataset ml-100k --backbones deepfm
 
 Reads the pre-training stage of ``benchmarks.quality``'s ``srp_both`` runs (the best epoch's validation figures,
 ``runs/bench/<run>/stages/pretrain/metrics.json``; train them with ``bash benchmarks/regime_records.sh
@@ -49,7 +49,8 @@ def popularity(data, schema: PreparedSchema) -> dict[str, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="ml-100k", choices=["ml-100k"])
-    p.add_argument("--backbones", nargs="+", default=["deepfm", "dcnv2"])
+    p.add_argument("--backbones", nargs="+", default=["deepfm"],
+                   help="backbones whose srp_both runs pre-trained (regime_records.sh: DeepFM's only)")
     p.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
     args = p.parse_args()
     data = prepare_data(args.dataset)
