@@ -13,7 +13,7 @@ from synthetic_tables import write_synthetic_table
 from recsys.data.prepare import prepare
 from recsys.data.schema import PreparedSchema, load_schema
 from recsys.features.table import FeatureEntity
-from recsys.methods.llactr import FieldInteraction, field_kl
+from recsys.methods.llactr import Adaptor, FieldInteraction, Reduction, field_kl
 
 
 def test_field_kl_matches_a_hand_computed_case():
@@ -22,6 +22,28 @@ def test_field_kl_matches_a_hand_computed_case():
     expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
     assert field_kl(field_proj, emb).item() == pytest.approx(expected, abs=1e-6)
     assert field_kl(field_proj, field_proj.unsqueeze(0)).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_the_reference_reduction_sums_over_fields_as_kl_div_batchmean_does():
+    field_proj, emb = torch.randn(5, 8), torch.randn(32, 5, 8)
+    summed = field_kl(field_proj, emb, Reduction.SUM)
+    assert torch.allclose(summed, 5 * field_kl(field_proj, emb), atol=1e-6)  # K times the field mean
+    reference = torch.nn.KLDivLoss(reduction="batchmean", log_target=True)(
+        torch.log_softmax(emb, -1), torch.log_softmax(field_proj, -1).expand_as(emb))
+    assert summed.mean().item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_the_scalar_adaptor_is_an_affine_map_of_the_similarities():
+    """adaptor=scalar: w = alpha s + beta, two parameters, so the pair weights can only follow the similarities."""
+    fie = FieldInteraction(torch.randn(6, 4), adaptor=Adaptor.SCALAR)
+    assert sum(p.numel() for p in fie.parameters()) == 2
+    assert torch.allclose(fie.pair_weights(), fie.similarity)  # the identity at start, as the full adaptor
+    with torch.no_grad():
+        fie.adaptor.weight.fill_(-2.0)
+        fie.adaptor.bias.fill_(0.5)
+    assert torch.allclose(fie.pair_weights(), -2.0 * fie.similarity + 0.5)
+    e = torch.randn(3, 6, 5)
+    assert torch.allclose(fie(e), fie.eval()(e), atol=1e-5)  # training and serving forms agree
 
 
 def test_fie_is_a_pairwise_term_that_changes_with_the_input():
@@ -85,13 +107,14 @@ def _cfg(data: Path, out: Path, *overrides: str):
                               "train.max_steps_per_epoch=10", *overrides])
 
 
-@pytest.mark.parametrize("backbone", ["deepfm", "dcnv2"])
-def test_llactr_trains_on_any_backbone_with_one_config_change(ml100k_with_field_table, tmp_path, backbone):
+@pytest.mark.parametrize("backbone, options", [("deepfm", ()), ("dcnv2", ("method.llactr.adaptor=scalar",
+                                                                        "method.llactr.fre_reduction=sum"))])
+def test_llactr_trains_on_any_backbone_with_one_config_change(ml100k_with_field_table, tmp_path, backbone, options):
     from recsys.experiment import build_trainer
 
     data, table = ml100k_with_field_table
     trainer = build_trainer(_cfg(data, tmp_path, f"model.backbone={backbone}", "method.name=llactr",
-                           f"method.llactr.field_table={table}"))
+                           f"method.llactr.field_table={table}", *options))
     result = trainer.fit()
     assert 0.6 < result["test_auc"] < 1.0
     names = {n for n, _ in trainer.model.named_parameters()}
@@ -113,6 +136,9 @@ def test_missing_field_table_fails_before_training(ml100k_with_field_table, tmp_
     from recsys.experiment import build_trainer
     from recsys.train.config import ConfigError
 
-    data, _ = ml100k_with_field_table
+    data, table = ml100k_with_field_table
+    with pytest.raises(ConfigError, match="adaptor"):
+        build_trainer(_cfg(data, tmp_path, "method.name=llactr", f"method.llactr.field_table={table}",
+                           "method.llactr.adaptor=diagonal"))
     with pytest.raises(ConfigError, match="embedding_jobs.run --entity field"):
         build_trainer(_cfg(data, tmp_path, "method.name=llactr", f"method.llactr.field_table={tmp_path / 'none'}"))

@@ -6,10 +6,14 @@ once for every backbone through the CTR contract (``CTROutput.field_embeddings``
 
 - **FRE** (representation enhancement): each field embedding ``f_k`` is projected to the CTR embedding size
   ``D``, and every feature embedding ``e_k`` of that field is pulled towards it by
-  ``KL(softmax(W f_k) || softmax(e_k))`` over the D dimensions, weighted by ``lambda_loss``.
+  ``KL(softmax(W f_k) || softmax(e_k))`` over the D dimensions, weighted by ``lambda_loss``. Per row the K
+  fields' KLs are averaged (``fre_reduction=field_mean``, what the records so far used) or summed
+  (``sum``: the reference code's ``KLDivLoss(reduction="batchmean")``, K times the weight).
 - **FIE** (interaction enhancement): the cosine similarities of field pairs (upper triangle) pass through a
-  learnable linear adaptor into one weight per pair, ``w = A s + b``; the logit gains
-  ``lambda_llm * sum_{i<j} w_ij <e_i, e_j>``, a real pairwise term of the input.
+  learnable linear adaptor into one weight per pair, ``w = A s + b`` (``adaptor=full``, the paper's); the logit
+  gains ``lambda_llm * sum_{i<j} w_ij <e_i, e_j>``, a real pairwise term of the input. A full ``A`` and ``b``
+  reach any pair weights whatever ``s`` is, so ``adaptor=scalar`` (``w = alpha s + beta``, two numbers) is
+  the variant where the similarities must carry the signal.
 
 No language model runs at training or serving time: the online cost is O(K^2 D) arithmetic.
 """
@@ -17,6 +21,7 @@ No language model runs at training or serving time: the online cost is O(K^2 D) 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import torch
@@ -34,6 +39,16 @@ if TYPE_CHECKING:
     from recsys.experiment import ExperimentConfig
 
 
+class Reduction(StrEnum):
+    FIELD_MEAN = "field_mean"  # per row, the mean of the K fields' KLs
+    SUM = "sum"  # per row, their sum: the reference's KLDivLoss(reduction="batchmean") over [B, K, D]
+
+
+class Adaptor(StrEnum):
+    FULL = "full"  # w = A s + b, A a full P x P matrix (the paper's)
+    SCALAR = "scalar"  # w = alpha s + beta: the similarities must carry the signal
+
+
 @dataclass
 class LLaCTRConfig:
     field_table: str = ""  # feature table of the K field names (python -m embedding_jobs.run --entity field)
@@ -41,16 +56,23 @@ class LLaCTRConfig:
     fie: bool = True  # interaction enhancement (similarity-weighted pairwise term)
     lambda_loss: float = 0.01  # weight of the FRE loss
     lambda_llm: float = 1.0  # weight of the FIE term in the logit
+    fre_reduction: Reduction = Reduction.FIELD_MEAN  # how a row's K field KLs combine (sum: the reference's)
+    adaptor: Adaptor = Adaptor.FULL  # full: w = A s + b; scalar: w = alpha s + beta
+
+    def __post_init__(self) -> None:  # built in code with plain strings: the same enums, or a clear error
+        self.fre_reduction, self.adaptor = Reduction(self.fre_reduction), Adaptor(self.adaptor)
 
 
-def field_kl(field_proj: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-    """Mean over rows and fields of KL(softmax(field_proj[k]) || softmax(emb[b, k])), over the last dim.
+def field_kl(field_proj: torch.Tensor, emb: torch.Tensor, reduction: Reduction = Reduction.FIELD_MEAN) -> torch.Tensor:
+    """Per row, KL(softmax(field_proj[k]) || softmax(emb[b, k])) over the last dim, combined over the fields.
 
-    ``field_proj``: [K, D]; ``emb``: [B, K, D]. Returns a per-row vector [B] (mean over fields).
+    ``field_proj``: [K, D]; ``emb``: [B, K, D]. Returns a per-row vector [B]: the mean over fields, or with
+    ``reduction=sum`` their sum (whose mean over rows is ``KLDivLoss(reduction="batchmean")``).
     """
     log_p = F.log_softmax(field_proj, dim=-1).unsqueeze(0)  # [1, K, D]
     log_q = F.log_softmax(emb, dim=-1)  # [B, K, D]
-    return (log_p.exp() * (log_p - log_q)).sum(-1).mean(-1)
+    per_field = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return per_field.sum(-1) if reduction is Reduction.SUM else per_field.mean(-1)
 
 
 class FieldInteraction(nn.Module):
@@ -65,7 +87,7 @@ class FieldInteraction(nn.Module):
       is the fastest form at every batch size.
     """
 
-    def __init__(self, field_emb: torch.Tensor, scale: float = 1.0) -> None:
+    def __init__(self, field_emb: torch.Tensor, scale: float = 1.0, adaptor: Adaptor = Adaptor.FULL) -> None:
         super().__init__()
         k = field_emb.shape[0]
         i, j = torch.triu_indices(k, k, offset=1)
@@ -73,7 +95,8 @@ class FieldInteraction(nn.Module):
         self.register_buffer("similarity", (unit[i] * unit[j]).sum(-1))  # [P] fixed
         self.register_buffer("left", i)
         self.register_buffer("right", j)
-        self.adaptor = nn.Linear(len(i), len(i))
+        # scalar: alpha and beta as a 1 -> 1 linear map applied to every similarity
+        self.adaptor = nn.Linear(len(i), len(i)) if adaptor is Adaptor.FULL else nn.Linear(1, 1)
         self.num_fields, self.scale = k, scale
         self._serving_matrix: torch.Tensor | None = None
         self.reset_parameters()
@@ -84,6 +107,8 @@ class FieldInteraction(nn.Module):
         nn.init.zeros_(self.adaptor.bias)
 
     def pair_weights(self) -> torch.Tensor:
+        if self.adaptor.in_features == 1:  # scalar: w = alpha s + beta
+            return self.adaptor(self.similarity.unsqueeze(-1)).squeeze(-1)
         return self.adaptor(self.similarity)
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:  # emb: [B, K, D] -> [B]
@@ -134,7 +159,7 @@ class LLaCTRTask(Task):
         # Built on the real device (not meta): DistributedModelParallel would zero a meta buffer.
         self.register_buffer("field_emb", field_emb.float().clone())
         self.projection = nn.Linear(field_emb.shape[1], model.embedding_dim) if cfg.fre else None
-        self.interaction = FieldInteraction(field_emb, scale=cfg.lambda_llm) if cfg.fie else None
+        self.interaction = FieldInteraction(field_emb, cfg.lambda_llm, cfg.adaptor) if cfg.fie else None
 
     def output(self, batch: Batch) -> CTROutput:
         """The backbone's output with FIE added to the logit (the served logit); FRE only shapes training."""
@@ -149,7 +174,8 @@ class LLaCTRTask(Task):
     def extra_losses(self, batch: Batch, out: CTROutput) -> dict[str, tuple[float, torch.Tensor]]:
         if self.projection is None:
             return {}
-        return {"fre": (self.cfg.lambda_loss, field_kl(self.projection(self.field_emb), out.field_embeddings))}
+        kl = field_kl(self.projection(self.field_emb), out.field_embeddings, self.cfg.fre_reduction)
+        return {"fre": (self.cfg.lambda_loss, kl)}
 
 
 # ------------------------------------------------------------------------------------------------
