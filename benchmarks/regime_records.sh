@@ -36,6 +36,12 @@ llactr() {
     --out "compare_${data}_llactr"
   $PY -m benchmarks.compare --data "$data" --variants llactr --reference llactr_random --backbones deepfm dcnv2 \
     --out "compare_${data}_llactr_vs_random"
+  # the field similarities FIE works from: fine-tuned, untuned (the packaged MiniLM) and random tables
+  [ -f "runs/features/$data-untuned/field/table.parquet" ] || $PY -m embedding_jobs.run --entity field \
+    --dataset runs/data/$data --out "runs/features/$data-untuned" --no-progress
+  $PY -m benchmarks.field_similarity --dataset runs/data/$data --table "fine-tuned=$features/field" \
+    --table "untuned=runs/features/$data-untuned/field" --table "random=runs/features/$data-random/field" \
+    --report "$fields/report.json"
 }
 
 # ELEC (gain network, students, the no-language-model control student), and the profile-text ablation

@@ -142,3 +142,30 @@ def test_missing_field_table_fails_before_training(ml100k_with_field_table, tmp_
                            "method.llactr.adaptor=diagonal"))
     with pytest.raises(ConfigError, match="embedding_jobs.run --entity field"):
         build_trainer(_cfg(data, tmp_path, "method.name=llactr", f"method.llactr.field_table={tmp_path / 'none'}"))
+
+
+def test_field_similarity_record_reads_the_tables_in_schema_order(ml100k_with_field_table, tmp_path, monkeypatch):
+    """benchmarks.field_similarity: one symmetric matrix per table with a unit diagonal, pair (i, j) the cosine
+    of fields i and j as the schema orders them; a table of another dataset is refused."""
+    import json
+    import sys
+
+    from benchmarks import field_similarity
+    from recsys.features.table import FeatureTableError
+
+    data, table = ml100k_with_field_table
+    monkeypatch.setattr(field_similarity, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["field_similarity", "--dataset", str(data), "--table", f"synthetic={table}"])
+    assert field_similarity.main() == 0
+    record = json.loads((tmp_path / "field_similarity_ml-100k.json").read_text())
+    m = np.array(record["tables"]["synthetic"]["matrix"])
+    vectors = np.random.default_rng(0).standard_normal((len(record["fields"]), 8))  # as the fixture wrote them
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    assert np.allclose(m, unit @ unit.T, atol=1e-3) and np.allclose(np.diag(m), 1, atol=1e-3)
+    assert (tmp_path / "field_similarity_ml-100k.png").stat().st_size > 0
+    schema = PreparedSchema.load(data)
+    other = write_synthetic_table(tmp_path / "other.parquet", PreparedSchema(**{**schema.__dict__, "fingerprint": "x"}),
+                                  FeatureEntity.FIELD, vectors, model_name="other")
+    monkeypatch.setattr(sys, "argv", ["field_similarity", "--dataset", str(data), "--table", f"other={other}"])
+    with pytest.raises(FeatureTableError, match="fingerprint"):
+        field_similarity.main()
