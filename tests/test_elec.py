@@ -109,6 +109,28 @@ def test_gain_network_sees_the_language_model_vectors(ml100k_tables, gain_run, t
     assert late.model.num_extra_fields == 0 and late.late is not None
 
 
+@pytest.mark.parametrize("inject", ["logit", "fields"])
+def test_the_teachers_representation_carries_the_language_model(ml100k_tables, tmp_path, inject):
+    """Representation distillation transfers only what the teacher's representation holds: with either
+    injection it must change when the language-model vectors change (the rest of the row held fixed)."""
+    from recsys.data.loader import ParquetBatches
+    from recsys.experiment import build_task
+
+    data, user, item = ml100k_tables
+    schema = PreparedSchema.load(data)
+    task = build_task(schema, _cfg(data, tmp_path, "g", "method.name=elec_gain", f"method.elec.inject={inject}",
+                                   *_tables(user, item)), device=torch.device("cpu")).eval()
+    batch = next(iter(ParquetBatches(data, "train", schema, 64, extra_columns=task.extra_columns)))
+    with torch.no_grad():
+        before = task.output(batch).representation
+        assert before.shape[-1] == task.representation_dim
+        for i in range(len(task.lm.fields)):
+            buffer = getattr(task.lm, f"vectors_{i}")
+            buffer.copy_(buffer.roll(1, dims=0))  # every id now has another id's vector
+        after = task.output(batch).representation
+    assert not torch.allclose(before, after)
+
+
 def test_student_without_distillation_is_exactly_the_base_model(ml100k_tables, tmp_path):
     from recsys.experiment import build_trainer
 
@@ -138,7 +160,10 @@ def test_two_stage_student_learns_from_a_frozen_teacher(ml100k_tables, gain_run,
     trainer = build_trainer(cfg)
     result = trainer.fit()
     assert result["test_auc"] > 0.6
-    assert any("rep_projection" in n for n, _ in trainer.model.named_parameters()) is False  # same DNN size
+    # the late-fusion teacher's representation is its backbone's plus the late branch's hidden layer
+    task = trainer.model.module if hasattr(trainer.model, "module") else trainer.model
+    assert task.rep_projection.out_features == task.teacher.representation_dim == (
+        task.teacher.model.representation_dim + task.model.embedding_dim)
     before = _teacher_state(run, data, run / "checkpoints" / "best", "")
     after = _teacher_state(run, data, tmp_path / "student" / "checkpoints" / "last", "teacher.")
     assert before.keys() == after.keys()

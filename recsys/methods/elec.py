@@ -6,7 +6,9 @@
   they enter the interaction *and* the deep input; ``inject="logit"`` (the default) adds a small MLP over
   them to the backbone's logit instead (late fusion). The default follows the ablation in
   benchmarks/results/elec_*.md: late fusion was at least as good as extra fields for DeepFM and DCNv2 on
-  ML-100K and DeepFM on ML-1M, and extra fields collapsed DeepFM on ML-100K (0.72 against 0.80).
+  ML-100K and DeepFM on ML-1M, and extra fields collapsed DeepFM on ML-100K (0.72 against 0.80). With late
+  fusion the gain network's ``representation`` is the backbone's concatenated with the late branch's hidden
+  layer, so that representation distillation carries what the language model added.
 - **Vanilla network** (:class:`ELECStudentTask`): the same backbone with its own weights and tabular input
   only. Loss = BCE + ``score_weight`` * score distillation (binary KL of temperature-softened
   probabilities, times T^2, or MSE on logits) + ``rep_weight`` * MSE between the student's representation
@@ -189,13 +191,19 @@ class ELECGainTask(Task):
                                    nn.Linear(d, 1, device=device))
                      if inject is Inject.LOGIT else None)
 
+    @property
+    def representation_dim(self) -> int:
+        return self.model.representation_dim + (self.late[0].out_features if self.late is not None else 0)
+
     def output(self, batch: Batch) -> CTROutput:
         vectors = self.lm(batch)
         if self.late is None:
             return self.model(batch, extra=vectors)
         out = self.model(batch)
-        return CTROutput(logit=out.logit + self.late(vectors.flatten(1)).squeeze(-1),
-                         representation=out.representation, field_embeddings=out.field_embeddings)
+        hidden = self.late[1](self.late[0](vectors.flatten(1)))  # what the language model adds
+        return CTROutput(logit=out.logit + self.late[2](hidden).squeeze(-1),
+                         representation=torch.cat([out.representation, hidden], dim=-1),
+                         field_embeddings=out.field_embeddings)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,7 +237,7 @@ class ELECStudentTask(Task):
                     p.requires_grad_(False)
         self.rep_projection: nn.Module | None = None
         if teacher is not None and cfg.rep_weight > 0:
-            s, t = model.representation_dim, teacher.model.representation_dim
+            s, t = model.representation_dim, teacher.representation_dim
             self.rep_projection = nn.Linear(s, t, device=device) if s != t else nn.Identity()
         self.teacher_run = cfg.teacher_run if self.frozen_teacher else ""
 

@@ -138,6 +138,11 @@ class Task(nn.Module):
             raise NotImplementedError(f"{type(self).__name__} declares stage {stage.name!r} but no evaluator")
         return CTREvaluator(split_file)
 
+    @property
+    def representation_dim(self) -> int:
+        """The size of ``output(batch).representation``: the backbone's, unless the task adds to it."""
+        return self.model.representation_dim
+
     def param_groups(self) -> list[ParamGroup]:
         """Dense parameters with their own optimizer settings; the rest form the group ``dense``."""
         return []
