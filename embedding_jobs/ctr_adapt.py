@@ -30,6 +30,10 @@ Training, on a seeded sample of --rows training rows (--valid-rows validation ro
       weight): from the warm-started head, the encoder and the head train together on the same sample, for
       --epochs passes at most, stopping when --time-budget-s is spent (the current step finishes). The time
       budget applies to stage B only. --tune head has no stage B: the saved encoder is the unchanged base model.
+      The head learns at --stage-b-head-lr in stage B (default: --head-lr; 0 freezes it, since stage A showed
+      the head overfits the sample within a few passes). With --eval-every N the validation AUC is measured
+      every N steps; the saved model is the best of stage A, those steps and the end (model selection on
+      validation; without --eval-every, the better of stage A and the end).
 
 The language model's own validation AUC is measured with an untrained head (about 0.5; valid_auc_before),
 after stage A (valid_auc_head, from the cached vectors) and at the end with the final encoder and head
@@ -58,6 +62,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -102,6 +107,8 @@ class AdaptOptions:
     batch_size: int = 32  # stage B: rows per step
     lr: float | None = None  # encoder; None: LORA_LR with LoRA, FULL_LR with full fine-tuning
     head_lr: float = HEAD_LR  # the transformation MLP and the prediction layer, in both stages
+    stage_b_head_lr: float | None = None  # the head in stage B; None: head_lr; 0: frozen
+    eval_every: int = 0  # stage B: validation AUC every this many steps, the best step kept (0: at the end only)
     tune: str = "lora"  # stage B: "lora", "full" or "head" (no stage B: the encoder stays the base model)
     head_epochs: int = 20  # stage A: passes over the sample with the frozen encoder's cached vectors (0: none)
     head_batch_size: int = 1024  # stage A: rows per step
@@ -139,8 +146,11 @@ class AdaptOptions:
                      "lora_rank", "hidden_dim", "rep_dim", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.head_epochs < 0:
-            raise ValueError(f"head_epochs must be >= 0, got {self.head_epochs}")
+        for name in ("head_epochs", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.stage_b_head_lr is not None and self.stage_b_head_lr < 0:
+            raise ValueError(f"stage_b_head_lr must be >= 0, got {self.stage_b_head_lr}")
 
 
 @dataclass(frozen=True)
@@ -343,13 +353,35 @@ def warm_start_head(model: ElecModel, train: Rows, valid: Rows, users: dict[int,
     return {"before": before, "head": head, "users": u, "items": i, "stats": stats}
 
 
+def stage_b_state(model: ElecModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A copy of what stage B changes: the encoder's trainable weights (LoRA's, or all) and the head."""
+    encoder = {k: v.detach().clone() for k, v in model.encoder.model.named_parameters() if v.requires_grad}
+    return encoder, copy.deepcopy(model.head.state_dict())
+
+
+def restore_stage_b_state(model: ElecModel, state: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]) -> None:
+    encoder, head = state
+    params = dict(model.encoder.model.named_parameters())
+    with torch.no_grad():
+        for k, v in encoder.items():
+            params[k].copy_(v)
+    model.head.load_state_dict(head)
+
+
 def train_encoder(model: ElecModel, train: Rows, users: dict[int, str], items: dict[int, str], opts: AdaptOptions,
-                  progress: bool = True) -> dict:
-    """Stage B: the encoder (LoRA or every weight) and the head together, within ``opts.time_budget_s``."""
-    optimizer = torch.optim.AdamW([
-        {"params": [p for p in model.encoder.model.parameters() if p.requires_grad], "lr": opts.encoder_lr},
-        {"params": model.head.parameters(), "lr": opts.head_lr}])
+                  progress: bool = True, evaluate: Callable[[], float] | None = None) -> dict:
+    """Stage B: the encoder (LoRA or every weight) and the head together, within ``opts.time_budget_s``.
+
+    With ``opts.eval_every`` and ``evaluate`` (the validation AUC), every that many steps the AUC is measured;
+    the result's ``evaluations`` lists them and ``best`` holds the state of the best one (or None)."""
+    head_lr = opts.head_lr if opts.stage_b_head_lr is None else opts.stage_b_head_lr
+    groups = [{"params": [p for p in model.encoder.model.parameters() if p.requires_grad], "lr": opts.encoder_lr}]
+    if head_lr > 0:
+        groups.append({"params": model.head.parameters(), "lr": head_lr})
+    optimizer = torch.optim.AdamW(groups)
     rng = np.random.default_rng(opts.seed)
+    evaluations: list[dict] = []
+    best: tuple[float, int, tuple] | None = None  # (auc, step, state)
     losses: list[float] = []
     start, seen, stopped, epochs_started = time.perf_counter(), 0, False, 0
     for epoch in range(opts.epochs):
@@ -367,6 +399,13 @@ def train_encoder(model: ElecModel, train: Rows, users: dict[int, str], items: d
             optimizer.step()
             losses.append(round(loss.item(), 5))
             seen += len(idx)
+            if evaluate is not None and opts.eval_every and len(losses) % opts.eval_every == 0:
+                auc = evaluate()
+                evaluations.append({"step": len(losses), "rows": seen, "valid_auc": auc})
+                log.info("stage B step %d: validation AUC %.4f", len(losses), auc)
+                if best is None or auc > best[0]:
+                    best = (auc, len(losses), stage_b_state(model))
+                model.train()
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", rows_s=f"{seen / elapsed:.1f}")
             if opts.time_budget_s is not None and elapsed > opts.time_budget_s:
@@ -378,7 +417,8 @@ def train_encoder(model: ElecModel, train: Rows, users: dict[int, str], items: d
             log.info("time budget of %.0f s reached after %d steps (%d rows)", opts.time_budget_s, len(losses), seen)
             break
     train_s = time.perf_counter() - start
-    return {"losses": losses, "seen": seen, "stopped": stopped, "epochs_started": epochs_started, "seconds": train_s}
+    return {"losses": losses, "seen": seen, "stopped": stopped, "epochs_started": epochs_started, "seconds": train_s,
+            "evaluations": evaluations, "best": best}
 
 
 def adapt(opts: AdaptOptions, progress: bool = True) -> dict:
@@ -415,9 +455,16 @@ def adapt(opts: AdaptOptions, progress: bool = True) -> dict:
     kept = "head"
     if opts.trains_encoder:
         head_state = copy.deepcopy(model.head.state_dict())
-        stage_b = train_encoder(model, train, users, items, opts, progress)
+        stage_b = train_encoder(model, train, users, items, opts, progress,
+                                lambda: model.evaluate(valid, users, items, opts.encode_batch_size, False)["auc"])
         after = model.evaluate(valid, users, items, opts.encode_batch_size, progress)
         kept = "encoder"
+        best = stage_b.pop("best")
+        if best is not None and best[0] > after["auc"]:  # an earlier step was better on validation: keep it
+            log.info("keeping stage B's step %d (validation AUC %.4f; %.4f at the end)", best[1], best[0], after["auc"])
+            restore_stage_b_state(model, best[2])
+            after = model.evaluate(valid, users, items, opts.encode_batch_size, progress)
+            kept = f"step {best[1]}"
         if after["auc"] < head["auc"]:
             # model selection on validation, as for the head's epochs: fine-tuning that made the language
             # model worse is dropped; the saved encoder is then the base model, with the warm-started head
@@ -428,7 +475,7 @@ def adapt(opts: AdaptOptions, progress: bool = True) -> dict:
             model.head.load_state_dict(head_state)
             after, kept = head, "head"
     else:  # the encoder is the frozen base model: the cached vectors are its vectors, the head is final
-        stage_b = {"losses": [], "seen": 0, "stopped": False, "epochs_started": 0, "seconds": 0.0}
+        stage_b = {"losses": [], "seen": 0, "stopped": False, "epochs_started": 0, "seconds": 0.0, "evaluations": []}
         after = head
     log.info("validation AUC of the language model: %.4f before, %.4f after stage A (head), %.4f after adaptation",
              before["auc"], head["auc"], after["auc"])
@@ -449,8 +496,11 @@ def adapt(opts: AdaptOptions, progress: bool = True) -> dict:
         "valid_auc_before": before["auc"], "valid_auc_head": head["auc"], "valid_auc_after": after["auc"],
         "valid_logloss_before": before["logloss"], "valid_logloss_head": head["logloss"],
         "valid_logloss_after": after["logloss"], "train_loss": stage_b["losses"], **stage_a["stats"],
-        "stored_vector": STORED_VECTOR, "table_head": ELEC_TRANSFORM,
-        "kept": kept,  # encoder: the fine-tuned encoder; head: the base encoder (stage B did not help, or none)
+        "stored_vector": STORED_VECTOR, "table_head": ELEC_TRANSFORM, "stage_b_evaluations": stage_b["evaluations"],
+        "stage_b_head_lr": opts.head_lr if opts.stage_b_head_lr is None else opts.stage_b_head_lr,
+        # encoder: the fine-tuned encoder at the end; "step N": at stage B's step N; head: the base encoder
+        # (stage B did not help, or none)
+        "kept": kept,
     }
     report["seconds"] = time.perf_counter() - run_start  # the whole run: loading, both stages, evaluation
     _save_atomically(model, config, report, opts.out)
@@ -501,6 +551,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-lr", type=float, default=d.head_lr,
                    help="learning rate of the transformation MLP and the prediction layer, in stages A and B "
                         "(default %(default)s)")
+    p.add_argument("--stage-b-head-lr", type=float, default=None,
+                   help="stage B: learning rate of the head (default: --head-lr; 0 freezes the head)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="stage B: measure the validation AUC every N steps and keep the best step (default 0: "
+                        "only at the end)")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank, help="default %(default)s")
     p.add_argument("--hidden-dim", type=int, default=d.hidden_dim, help="hidden width of the transformation MLP (default %(default)s)")
     p.add_argument("--rep-dim", type=int, default=d.rep_dim, help="size of the stored representation vector (default %(default)s)")
@@ -525,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = AdaptOptions(
             dataset=a.dataset, out=a.out, model=a.model or packaged_minilm(), rows=a.rows, valid_rows=a.valid_rows,
             epochs=a.epochs, time_budget_s=a.time_budget_s or None, batch_size=a.batch_size, lr=a.lr,
-            head_lr=a.head_lr, tune=a.tune, head_epochs=a.head_epochs, head_batch_size=a.head_batch_size,
+            head_lr=a.head_lr, stage_b_head_lr=a.stage_b_head_lr, eval_every=a.eval_every, tune=a.tune, head_epochs=a.head_epochs, head_batch_size=a.head_batch_size,
             encode_batch_size=a.encode_batch_size, lora_rank=a.lora_rank, hidden_dim=a.hidden_dim, rep_dim=a.rep_dim,
             max_length=a.max_length, templates=TemplateOptions(history_length=a.history_length,
                                                                history_item_field=a.history_item_field,

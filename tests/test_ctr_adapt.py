@@ -185,6 +185,38 @@ def test_stage_a_warm_starts_the_head_before_lora(toy: Path, encoder: Path, tmp_
     assert report["head_texts_encoded"] > 0 and report["seconds"] > report["train_seconds"]
 
 
+def test_stage_b_keeps_the_best_evaluated_step_and_can_freeze_the_head(toy: Path, encoder: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """--eval-every: the saved model is the best of stage A, the evaluated steps and the end, and its final
+    validation AUC is that best one's; --stage-b-head-lr 0: stage B leaves the stage A head as it was."""
+    from safetensors.torch import load_file
+
+    from embedding_jobs import ctr_adapt
+
+    stage_a_heads = []
+
+    def warm_start_head(model, *args, **kwargs):  # the real stage A, its head kept for the comparison
+        result = original(model, *args, **kwargs)
+        stage_a_heads.append({f"{k}": v.clone() for k, v in model.head.state_dict().items()})
+        return result
+
+    original = ctr_adapt.warm_start_head
+    monkeypatch.setattr(ctr_adapt, "warm_start_head", warm_start_head)
+    opts = dict(dataset=toy, model=encoder, epochs=2, batch_size=16, time_budget_s=None, head_epochs=3,
+                head_batch_size=16, head_lr=3e-3, hidden_dim=32, rep_dim=REP_DIM, max_length=32, eval_every=3)
+    report = adapt(AdaptOptions(out=tmp_path / "m", stage_b_head_lr=0.0, **opts), progress=False)
+    evaluations = report["stage_b_evaluations"]
+    assert evaluations and [e["step"] for e in evaluations] == list(range(3, report["steps"] + 1, 3))
+    best = max([report["valid_auc_head"]] + [e["valid_auc"] for e in evaluations])
+    assert report["valid_auc_after"] >= best - 1e-9  # never worse than a state it measured
+    assert report["stage_b_head_lr"] == 0.0
+    saved = load_file(str(tmp_path / "m" / HEAD_WEIGHTS))
+    assert saved.keys() == stage_a_heads[0].keys()
+    assert all(torch.equal(saved[k], stage_a_heads[0][k]) for k in saved)
+    with pytest.raises(ValueError, match="eval_every"):
+        adapt(AdaptOptions(out=tmp_path / "x", **{**opts, "eval_every": -1}), progress=False)
+
+
 @pytest.mark.slow
 def test_time_budget_stops_after_the_current_step(toy: Path, encoder: Path, tmp_path: Path) -> None:
     report = adapt(AdaptOptions(dataset=toy, out=tmp_path / "m", model=encoder, epochs=50, batch_size=8,
