@@ -46,8 +46,15 @@ def _candidates(test: pa.Table, schema, n: int) -> pa.Table:
 
 
 def _flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
+    # the counter does not see the fused fast path of nn.TransformerEncoderLayer / MultiheadAttention in eval
+    # mode: count the same computation through the plain operators
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     return counter.get_total_flops()
 
 
@@ -64,6 +71,7 @@ def main() -> int:
     run_one(args.dataset, args.dataset, args.backbone, 1, ["method.name=srp4ctr"], "srp_both")
     run = REPO / "runs" / "bench" / run_name(args.dataset, args.backbone, 1, "srp_both")
     task, schema, _ = load_srp_run(run)
+    task.requires_grad_(False)  # serving holds no autograd state (FlopCounterMode's module hooks trip on it)
     keys, vectors = encode_histories(task, schema, data, ("test",), progress=False)
     f = task.fields
     meta = cache_metadata(fields=f.all, length=f.length, dim=task.model.embedding_dim, num_rows=len(keys),
