@@ -78,6 +78,8 @@ srp4ctr() {
     $PY -m benchmarks.compare --data ml-100k --backbones deepfm dcnv2 --variants "srp_$v" \
       --reference "srp_${v}_nopre" --out "compare_ml-100k_srp_${v}_vs_nopre"
   done
+  $PY -m benchmarks.compare --data ml-100k --backbones deepfm dcnv2 --variants srp_cross srp_qformer srp_both \
+    --reference din --out compare_ml-100k_srp_vs_din
   $PY -m benchmarks.srp4ctr_pretrain --dataset ml-100k --backbones deepfm
   $PY -m benchmarks.srp4ctr_cost --dataset ml-100k --backbone deepfm
   # a position as the sum of its embeddings (the default) or their concatenation, projected: its own encoder
