@@ -44,7 +44,7 @@ def plot(matrices: dict[str, np.ndarray], fields: list[str], path: Path) -> None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(matrices), figsize=(4.6 * len(matrices), 4.4), squeeze=False)
-    for ax, (name, m) in zip(axes[0], matrices.items()):
+    for ax, (name, m) in zip(axes[0], matrices.items(), strict=True):
         image = ax.imshow(m, vmin=-1, vmax=1, cmap="RdBu_r")
         ax.set_title(name)
         ax.set_xticks(range(len(fields)), fields, rotation=90, fontsize=7)
