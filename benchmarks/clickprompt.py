@@ -15,9 +15,10 @@ Steps, each skipped when its output exists (rerun to resume):
    randomly initialised CTR model. If the prompts carry the row's ID view, the second beats the third.
 
 On these 2 cores a pass of MiniLM over every training row does not fit, so pre-training runs on a row budget
-(``--warmup-steps``, ``--pretrain-steps`` of ``--mlm-batch`` rows per epoch; the record states them); mode (a)
-fine-tunes on ``--joint-steps`` batches per epoch (every other variant on the whole training split) and, as
-every variant, is selected and tested on the whole validation and test splits.
+(``--warmup-steps``, ``--pretrain-steps`` of ``--mlm-batch`` rows per epoch, ``--warmup-epochs`` and
+``--pretrain-epochs`` epochs; the record states them; a GPU user raises them); mode (a) fine-tunes for
+``--joint-epochs`` of ``--joint-steps`` batches (every other variant on the whole training split) and, as every
+variant, is selected and tested on the whole validation and test splits.
 Results: benchmarks/results/clickprompt_<data>.{md,json,png}; pair them with
 ``python -m benchmarks.compare --data <data> --record clickprompt_<data> --variants clickprompt_b ...``.
 """
@@ -43,21 +44,20 @@ def _per_stage(**values: int) -> str:
 
 def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
     # the language-model stages take small batches; the CTR stage keeps the benchmark config's batch size
-    lm = {"warmup": None, "pretrain": None}
-    method = ["method.name=clickprompt", f"method.clickprompt.tokens={tokens}",
-              "train.stage_batch_size=" + _per_stage(**dict.fromkeys(lm, args.mlm_batch)),
-              "train.stage_epochs=" + _per_stage(**dict.fromkeys(lm, args.mlm_epochs)),
-              "train.stage_eval_steps=" + _per_stage(**dict.fromkeys(lm, args.mlm_eval_steps))]
+    lm = ("warmup", "pretrain")
+    pre = ["method.name=clickprompt", f"method.clickprompt.tokens={tokens}",
+           "train.stage_eval_steps=" + _per_stage(**dict.fromkeys(lm, args.mlm_eval_steps))]
+    epochs = {"warmup": args.warmup_epochs, "pretrain": args.pretrain_epochs}
     steps = {"warmup": args.warmup_steps, "pretrain": args.pretrain_steps}
     return {
-        "clickprompt_b": [*method, "method.clickprompt.finetune=ctr", "train.stage_steps=" + _per_stage(**steps)],
+        "clickprompt_b": [*pre, "method.clickprompt.finetune=ctr", "train.stage_steps=" + _per_stage(**steps),
+                          "train.stage_epochs=" + _per_stage(**epochs),
+                          "train.stage_batch_size=" + _per_stage(**dict.fromkeys(lm, args.mlm_batch))],
         # the PLM trains with the CTR model: small batches there too (1,024 rows of MiniLM do not fit in memory)
-        "clickprompt_a": ["method.name=clickprompt", f"method.clickprompt.tokens={tokens}",
-                          "train.stage_batch_size=" + _per_stage(**dict.fromkeys([*lm, "ctr"], args.mlm_batch)),
-                          "train.stage_epochs=" + _per_stage(**dict.fromkeys(lm, args.mlm_epochs)),
-                          "train.stage_eval_steps=" + _per_stage(**dict.fromkeys(lm, args.mlm_eval_steps)),
-                          "method.clickprompt.finetune=joint",
-                          "train.stage_steps=" + _per_stage(**steps, ctr=args.joint_steps)],
+        "clickprompt_a": [*pre, "method.clickprompt.finetune=joint",
+                          "train.stage_steps=" + _per_stage(**steps, ctr=args.joint_steps),
+                          "train.stage_epochs=" + _per_stage(**epochs, ctr=args.joint_epochs),
+                          "train.stage_batch_size=" + _per_stage(**dict.fromkeys([*lm, "ctr"], args.mlm_batch))],
     }
 
 
@@ -105,11 +105,14 @@ def main() -> int:
     p.add_argument("--joint-seeds", nargs="*", type=int, default=[1], help="seeds of mode (a) (costly on CPU)")
     p.add_argument("--joint-backbones", nargs="*", default=["deepfm"])
     p.add_argument("--mlm-batch", type=int, default=64, help="rows per step in the language-model stages")
-    p.add_argument("--warmup-steps", type=int, default=60, help="steps per warm-up epoch")
-    p.add_argument("--pretrain-steps", type=int, default=120, help="steps per PA-MLM epoch")
-    p.add_argument("--mlm-epochs", type=int, default=2, help="epochs of each language-model stage")
-    p.add_argument("--mlm-eval-steps", type=int, default=20, help="validation batches of the language-model stages")
-    p.add_argument("--joint-steps", type=int, default=150, help="mode (a): steps per fine-tuning epoch")
+    p.add_argument("--warmup-steps", type=int, default=40, help="steps per warm-up epoch")
+    p.add_argument("--warmup-epochs", type=int, default=1)
+    p.add_argument("--pretrain-steps", type=int, default=50, help="steps per PA-MLM epoch")
+    p.add_argument("--pretrain-epochs", type=int, default=2)
+    p.add_argument("--mlm-eval-steps", type=int, default=10, help="validation batches of the language-model stages")
+    p.add_argument("--joint-steps", type=int, default=30, help="mode (a): steps per fine-tuning epoch")
+    p.add_argument("--joint-epochs", type=int, default=2, help="mode (a): fine-tuning epochs (each one evaluates "
+                   "the whole validation split through the PLM)")
     p.add_argument("--probe-batches", type=int, default=30)
     args = p.parse_args()
     data = data_name(args.dataset, args.split)
@@ -141,8 +144,9 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
     summary = {"dataset": args.dataset, "data": data, "seeds": args.seeds, "joint_seeds": args.joint_seeds,
                "command": "python -m benchmarks.clickprompt " + " ".join(sys.argv[1:]),
                "budget": {"mlm_batch": args.mlm_batch, "warmup_steps_per_epoch": args.warmup_steps,
-                          "pretrain_steps_per_epoch": args.pretrain_steps, "mlm_epochs": args.mlm_epochs,
-                          "mlm_eval_batches": args.mlm_eval_steps, "joint_steps_per_epoch": args.joint_steps},
+                          "warmup_epochs": args.warmup_epochs, "pretrain_steps_per_epoch": args.pretrain_steps,
+                          "pretrain_epochs": args.pretrain_epochs, "mlm_eval_batches": args.mlm_eval_steps,
+                          "joint_steps_per_epoch": args.joint_steps, "joint_epochs": args.joint_epochs},
                "row_tokens": {k: meta[k] for k in ("tokenizer", "max_length", "splits")},
                "environment": environment(), "probes": probes,
                "runs": {b: {v: per_seed(runs) for v, runs in vs.items()} for b, vs in results.items()},
@@ -153,13 +157,14 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
     lines = [f"# ClickPrompt on {data}", "", f"Command: `{summary['command']}`. Seeds {args.seeds} (mode (a): "
              f"{args.joint_seeds}). The language model is the packaged all-MiniLM-L6-v2 as a masked LM (its MLM "
              "head's transform is untrained, so a plain-MLM warm-up comes first).", "",
-             f"Budget on 2 cores: warm-up and PA-MLM {bud['mlm_epochs']} epochs each of {bud['warmup_steps_per_epoch']}"
-             f" and {bud['pretrain_steps_per_epoch']} steps of {bud['mlm_batch']} rows "
-             f"({bud['mlm_epochs'] * bud['warmup_steps_per_epoch'] * bud['mlm_batch']:,} and "
-             f"{bud['mlm_epochs'] * bud['pretrain_steps_per_epoch'] * bud['mlm_batch']:,} rows in all), validated on "
-             f"{bud['mlm_eval_batches']} batches; mode (b) then fine-tunes the CTR model on the whole training split, "
-             f"mode (a) on {bud['joint_steps_per_epoch']} batches of {bud['mlm_batch']} rows per epoch. Every variant is selected and tested "
-             "on the whole validation and test splits.", ""]
+             f"Budget on 2 cores: warm-up {bud['warmup_epochs']} × {bud['warmup_steps_per_epoch']} steps and PA-MLM "
+             f"{bud['pretrain_epochs']} × {bud['pretrain_steps_per_epoch']} steps, of {bud['mlm_batch']} rows each "
+             f"({bud['warmup_epochs'] * bud['warmup_steps_per_epoch'] * bud['mlm_batch']:,} and "
+             f"{bud['pretrain_epochs'] * bud['pretrain_steps_per_epoch'] * bud['mlm_batch']:,} rows in all), validated "
+             f"on {bud['mlm_eval_batches']} batches; mode (b) then fine-tunes the CTR model on the whole training "
+             f"split, mode (a) for {bud['joint_epochs']} epochs of {bud['joint_steps_per_epoch']} batches of "
+             f"{bud['mlm_batch']} rows. Every variant is selected and tested on the whole validation and test "
+             "splits.", ""]
     for b, vs in summary["runs"].items():
         base = mean_std(vs["base"]["test_auc"])[0]
         lines += [f"## {b}", "", "| variant | seeds | test AUC | test logloss | AUC − base |", "|---|---|---|---|---|"]
