@@ -33,7 +33,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, RESULTS, environment, fmt, mean_std, python, write_json
+from benchmarks.common import (
+    REPO,
+    RESULTS,
+    environment,
+    fmt,
+    interleaved_medians,
+    mean_std,
+    python,
+    write_json,
+)
 from benchmarks.quality import data_name, per_seed, prepare_data, regime_table, run_name, run_one
 
 
@@ -96,6 +105,34 @@ def prompt_probe(run: Path, batches: int) -> dict[str, float]:
     return {k: {"mlm_loss": v[0] / v[1], "mlm_accuracy": v[2] / v[1], "tokens": int(v[1])} for k, v in sums.items()}
 
 
+@torch.no_grad()
+def serving_cost(runs: dict[str, Path], rounds: int) -> dict[str, dict[str, float]]:
+    """Median scoring latency (``task.score``: the served logit, unsharded, eval mode) of each run's model at
+    batches of 1 and 4,096 test rows, the models timed in turn in each round (``interleaved_medians``). Weights
+    do not change the cost, so the models are built from the runs' configs without loading them."""
+    from recsys.data.loader import ParquetBatches, embedding_lookup
+    from recsys.data.schema import PreparedSchema
+    from recsys.experiment import build_task, load_config
+
+    cfgs = {k: load_config(run / "config.yaml") for k, run in runs.items()}
+    schema = PreparedSchema.load(cfgs["base"].data.path)
+    tasks = {k: build_task(schema, c, device=torch.device("cpu")) for k, c in cfgs.items()}
+    for task in tasks.values():
+        task.eval()
+    with_text = next(t for t in tasks.values() if t.side_files("test"))
+    out = {}
+    for rows in (1, 4096):
+        batch = next(iter(ParquetBatches(cfgs["base"].data.path, "test", schema, rows,
+                                         side_files=with_text.side_files("test"),
+                                         lookup=embedding_lookup(cfgs["base"].data.path, schema,
+                                                                 cfgs["base"].data.min_count))))
+        n = rounds if rows == 1 else max(3, rounds // 20)
+        caps = {"clickprompt_a": 3} if rows > 1 else None  # the PLM's pass over 4,096 rows takes about a minute
+        medians = interleaved_medians({k: lambda t=t, b=batch: t.score(b) for k, t in tasks.items()}, n, caps)
+        out[str(rows)] = {k: {"latency_s": v, "rows_per_s": rows / v} for k, v in medians.items()}
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], required=True)
@@ -114,6 +151,7 @@ def main() -> int:
     p.add_argument("--joint-epochs", type=int, default=2, help="mode (a): fine-tuning epochs (each one evaluates "
                    "the whole validation split through the PLM)")
     p.add_argument("--probe-batches", type=int, default=30)
+    p.add_argument("--latency-rounds", type=int, default=100, help="serving rounds at batch 1 (4,096: a 20th)")
     args = p.parse_args()
     data = data_name(args.dataset, args.split)
     prepare_data(args.dataset, args.split)
@@ -135,11 +173,18 @@ def main() -> int:
                                                           "clickprompt_a") for s in args.joint_seeds]
         run = REPO / "runs" / "bench" / run_name(data, backbone, args.seeds[0], "clickprompt_b")
         probes[backbone] = prompt_probe(run, args.probe_batches)
-    report(args, data, results, probes, tokens)
+    cost_backbone = next((b for b in args.backbones if "clickprompt_a" in results[b]), None)
+    cost = {}
+    if cost_backbone:
+        seed = args.joint_seeds[0]
+        cost = {"backbone": cost_backbone, "seed": seed, "batches": serving_cost(
+            {v: REPO / "runs" / "bench" / run_name(data, cost_backbone, seed, v)
+             for v in ("base", "clickprompt_b", "clickprompt_a")}, args.latency_rounds)}
+    report(args, data, results, probes, tokens, cost)
     return 0
 
 
-def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tokens: Path) -> None:
+def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tokens: Path, cost: dict) -> None:
     meta = json.loads((tokens / "meta.json").read_text())
     summary = {"dataset": args.dataset, "data": data, "seeds": args.seeds, "joint_seeds": args.joint_seeds,
                "command": "python -m benchmarks.clickprompt " + " ".join(sys.argv[1:]),
@@ -148,7 +193,7 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
                           "pretrain_epochs": args.pretrain_epochs, "mlm_eval_batches": args.mlm_eval_steps,
                           "joint_steps_per_epoch": args.joint_steps, "joint_epochs": args.joint_epochs},
                "row_tokens": {k: meta[k] for k in ("tokenizer", "max_length", "splits")},
-               "environment": environment(), "probes": probes,
+               "environment": environment(), "probes": probes, "serving_cost": cost,
                "runs": {b: {v: per_seed(runs) for v, runs in vs.items()} for b, vs in results.items()},
                "stages": {b: _stage_histories(data, b, args.seeds[0]) for b in results}}
     stem = RESULTS / f"clickprompt_{data}"
@@ -181,6 +226,17 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
         lines += ["", f"Language-model stages (seed {args.seeds[0]}): " + "; ".join(
             f"{name}: validation MLM loss {h[0]['valid_mlm_loss']:.3f} -> {h[-1]['valid_mlm_loss']:.3f}, accuracy "
             f"{h[0]['valid_mlm_accuracy']:.3f} -> {h[-1]['valid_mlm_accuracy']:.3f}" for name, h in st.items()), ""]
+    if cost:
+        lines += [f"## Serving cost ({cost['backbone']})", "", "`task.score` (the served logit), unsharded, eval mode, "
+                  "one call of each model per round in turn, median. (b) is served without the language model.", "",
+                  "| variant | batch 1 (ms) | batch 4,096 (ms) | rows/s at 4,096 | latency ÷ base at 1 / 4,096 |",
+                  "|---|---|---|---|---|"]
+        one, big = cost["batches"]["1"], cost["batches"]["4096"]
+        for v in one:
+            lines.append(f"| {v} | {one[v]['latency_s'] * 1e3:.2f} | {big[v]['latency_s'] * 1e3:.1f} | "
+                         f"{big[v]['rows_per_s']:,.0f} | {one[v]['latency_s'] / one['base']['latency_s']:.3f} / "
+                         f"{big[v]['latency_s'] / big['base']['latency_s']:.3f} |")
+        lines.append("")
     env = summary["environment"]
     lines += ["Variants: `base` the backbone alone (also the control: the same CTR model without PA-MLM); "
               "`clickprompt_b` warm-up, PA-MLM with prefix prompts, then the CTR model alone (served without the "

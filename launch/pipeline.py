@@ -9,7 +9,9 @@ budget) and embed the users and items with it (``--replicas`` processes each); t
 the same backbone with LLaCTR's field knowledge; train ELEC's gain network on the adapted vectors; distil it
 into the tabular-only student; export the student and score the test split with the export alone; train
 SRP4CTR (sequence pre-training, then fine-tuning), cache its encoder's output of every history, export the
-model that reads that cache and score with it; print everything side by side. Each step is a TorchX AppDef (``launch/components.py``); a step that fails stops the
+model that reads that cache and score with it; tokenise every row once and train ClickPrompt (a masked-LM
+warm-up and prompt-augmented MLM on a row budget, then the CTR model alone), export it and score with the
+export; print everything side by side. Each step is a TorchX AppDef (``launch/components.py``); a step that fails stops the
 pipeline with its logs' location. Steps are idempotent: a rerun skips finished embedding parts and resumes
 training from the last checkpoint.
 """
@@ -33,7 +35,7 @@ Step = tuple[str, Callable[[], specs.AppDef | None]]
 def trained_runs(args: argparse.Namespace) -> list[str]:
     """The run folders the pipeline's training steps write, in order: the final table lists them all."""
     name = run_name(args)
-    return [f"{name}_{variant}" for variant in ("base", "llactr", "elec_gain", "elec_student", "srp4ctr")]
+    return [f"{name}_{variant}" for variant in ("base", "llactr", "elec_gain", "elec_student", "srp4ctr", "clickprompt")]
 
 
 def steps(args: argparse.Namespace) -> list[Step]:
@@ -48,7 +50,7 @@ def steps(args: argparse.Namespace) -> list[Step]:
     image = {} if local else {"image": args.image}
     train = components.train_local if local else components.train_cluster
     size = {"j": f"1x{args.nproc}"} if local else {"j": args.j, **image}
-    base, llactr, gain, student, srp = trained_runs(args)
+    base, llactr, gain, student, srp, click = trained_runs(args)
     out: list[Step] = [
         ("prepare", lambda: components.prepare(args.dataset, str(data), **image))]
     llm = {}  # the language model every LM step starts from: the packaged MiniLM unless --llm says otherwise
@@ -94,7 +96,25 @@ def steps(args: argparse.Namespace) -> list[Step]:
     out.append(("evaluate exported SRP4CTR", lambda: components.evaluate(
         str(srp_export), str(data / "test.parquet"), str(root / "scores" / f"{srp}_test.parquet"),
         metrics=str(srp_export / "test_metrics.json"), **image)))
+    # ClickPrompt (b): plain-MLM warm-up and PA-MLM on a row budget (the PLM is always the packaged MiniLM: it
+    # needs a masked LM), then the CTR model alone, exported and served without any language model
+    tokens, click_export = root / "features" / args.dataset / "row_tokens", root / "export" / click
+    lm_stages = ("warmup", "pretrain")
+    out.append(("tokenise rows", lambda: components.row_tokens(str(data), str(tokens), **image)))
+    out.append(("train ClickPrompt", lambda: train(
+        args.config, *common, f"name={click}", "method.name=clickprompt", f"method.clickprompt.tokens={tokens}",
+        _per_stage("stage_steps", lm_stages, args.clickprompt_steps), _per_stage("stage_batch_size", lm_stages, 32),
+        _per_stage("stage_epochs", lm_stages, 1), _per_stage("stage_eval_steps", lm_stages, 5), **size)))
+    out.append(("export ClickPrompt", lambda: components.export(str(runs / click), str(click_export), **image)))
+    out.append(("evaluate exported ClickPrompt", lambda: components.evaluate(
+        str(click_export), str(data / "test.parquet"), str(root / "scores" / f"{click}_test.parquet"),
+        metrics=str(click_export / "test_metrics.json"), **image)))
     return out
+
+
+def _per_stage(key: str, stages: tuple[str, ...], value: int) -> str:
+    """A ``train.<key>={stage: value, ...}`` override."""
+    return f"train.{key}={{" + ", ".join(f"{s}: {value}" for s in stages) + "}"
 
 
 def run_name(args: argparse.Namespace) -> str:
@@ -121,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=1, help="embedding processes per entity")
     p.add_argument("--finetune-budget-s", type=int, default=180, help="time budget of the field fine-tuning")
     p.add_argument("--adapt-budget-s", type=int, default=120, help="time budget of ELEC's language-model adaptation")
+    p.add_argument("--clickprompt-steps", type=int, default=40,
+                   help="ClickPrompt: steps of 32 rows in its warm-up and in its PA-MLM (MiniLM on CPU: ~2 s a step)")
     p.add_argument("--distill", nargs="*", default=["method.elec.score_weight=1", "method.elec.rep_weight=1"],
                    metavar="KEY=VALUE", help="the student's distillation settings")
     p.add_argument("--nproc", type=int, default=2, help="training ranks on this machine")
@@ -172,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"of {regimes['all']['rows']:,}; per-regime tables in each run's log and test_metrics.json)")
         exports = Path(args.root) / "export"
         for run, what in ((trained_runs(args)[3], "student alone (recsys only, no language model)"),
-                          (trained_runs(args)[4], "SRP4CTR model, from cached history encodings (no encoder)")):
+                          (trained_runs(args)[4], "SRP4CTR model, from cached history encodings (no encoder)"),
+                          (trained_runs(args)[5], "ClickPrompt CTR model (no language model)")):
             served = json.loads((exports / run / "test_metrics.json").read_text())
             print(f"the exported {what}: test AUC {served['auc']:.4f}, logloss {served['logloss']:.4f}")
     return 0

@@ -53,6 +53,15 @@ def test_row_tokens_are_aligned_with_the_splits(setup):
         assert meta["splits"][split]["rows"] == a.metadata.num_rows
 
 
+def test_rows_longer_than_the_limit_are_cut_and_counted(setup, tmp_path):
+    data, plm, tokens = setup
+    full = pq.read_table(tokens / "valid.parquet").column("length").to_numpy()
+    meta = make_row_tokens(data, tmp_path / "short", plm, max_length=16, history_values=2, progress=False)
+    short = pq.read_table(tmp_path / "short" / "valid.parquet").column("length").to_numpy()
+    assert meta["splits"]["valid"]["truncated"] == int((full > 16).sum()) > 0
+    assert short.max() <= 16 and (short == full.clip(max=16)).all()
+
+
 @pytest.mark.parametrize("kind", ["prefix", "prompt"])
 def test_prompts_have_a_shape_for_every_layer(setup, kind):
     from transformers import BertForMaskedLM
@@ -159,6 +168,19 @@ def test_bad_options_and_foreign_tokens_are_refused(setup, tmp_path):
 
         other = save_tiny_decoder(tmp_path / "dec", corpus=["a b c"] * 10, vocab_size=300)
         build_trainer(_cfg(setup, tmp_path, "cp", f"method.clickprompt.plm={other}"))
+
+
+def test_a_tokenizer_without_a_mask_token_is_refused(setup, tmp_path):
+    data, _, _ = setup
+    plm = save_tiny_masked_lm(tmp_path / "plm")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):  # a tokenizer that cannot mask
+        spec = json.loads((plm / name).read_text())
+        spec["mask_token"] = None
+        (plm / name).write_text(json.dumps(spec))
+    make_row_tokens(data, tmp_path / "tokens", plm, max_length=64, history_values=2, progress=False)
+    with pytest.raises(ConfigError, match="the tokenizer has no mask token"):
+        build_trainer(_cfg(setup, tmp_path, "cp", f"method.clickprompt.plm={plm}",
+                           f"method.clickprompt.tokens={tmp_path / 'tokens'}"))
 
 
 def test_a_killed_pre_training_resumes_where_it_stopped(setup, tmp_path, monkeypatch):

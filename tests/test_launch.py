@@ -252,11 +252,14 @@ def test_pipeline_dryrun_on_a_cluster_lists_every_step(tmp_path, capsys):
     assert [t.split(" ===")[0][4:] for t in titles] == [
         "prepare", "fine-tune fields", "embed field", "adapt LM (ELEC)", "embed user", "embed item", "train base",
         "train llactr", "train ELEC gain", "distill ELEC student", "export student", "evaluate exported student",
-        "train SRP4CTR", "encode histories", "export SRP4CTR", "evaluate exported SRP4CTR"]
+        "train SRP4CTR", "encode histories", "export SRP4CTR", "evaluate exported SRP4CTR", "tokenise rows",
+        "train ClickPrompt", "export ClickPrompt", "evaluate exported ClickPrompt"]
     assert out.count("srun") >= 12 and "embedding_jobs.field_finetune" in out and "method.name=llactr" in out
     assert "embedding_jobs.ctr_adapt" in out and "method.name=elec_gain" in out and "method.name=elec_student" in out
     assert "recsys.serve.export" in out and "recsys.serve.score" in out
     assert "method.name=srp4ctr" in out and "embedding_jobs.history_encodings" in out and "--history-cache" in out
+    assert "embedding_jobs.row_tokens" in out and "method.name=clickprompt" in out
+    assert "train.stage_steps={warmup: 40, pretrain: 40}" in out  # pre-training on a row budget
 
 
 def test_pipeline_with_the_packaged_decoder_materialises_it_first(tmp_path, capsys):
