@@ -77,6 +77,21 @@ def test_a_real_checkpoint_still_loads(finished_run):
     assert load_part(run / "checkpoints" / "best", task) == len(task.state_dict())
 
 
+def test_resuming_another_models_checkpoint_names_what_differs(finished_run, tmp_path, capsys):
+    from recsys.train.__main__ import main
+
+    run, data = finished_run
+    shutil.copytree(run, tmp_path / "base")
+    before = sorted(p.name for p in (tmp_path / "base").rglob("*"))
+    overrides = [f"data.path={data}", f"train.out_dir={tmp_path}", "name=base", "data.batch_size=16",
+                 "data.eval_batch_size=16", "model.embedding_dim=8", "model.deepfm.hidden=[8,8]",  # one layer more
+                 "train.progress=false", "train.epochs=2", "train.pipeline=false"]
+    assert main(overrides) == 2
+    err = capsys.readouterr().err
+    assert "is not a checkpoint of this model" in err and "model.dnn.2.weight" in err, err
+    assert sorted(p.name for p in (tmp_path / "base").rglob("*")) == before  # nothing written over
+
+
 def test_resume_refuses_hostile_metadata(hostile):
     from recsys.experiment import build_trainer
 

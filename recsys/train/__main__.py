@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             import yaml
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
-        from recsys.train.checkpoint import UnsafeCheckpointError
+        from recsys.train.checkpoint import CheckpointMismatchError, UnsafeCheckpointError
         from recsys.train.trainer import results_table
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
-    except UnsafeCheckpointError as e:
+    except (UnsafeCheckpointError, CheckpointMismatchError) as e:
         print(f"checkpoint refused: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a loss or validation metric that is not a number: say why, no traceback

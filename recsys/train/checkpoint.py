@@ -127,6 +127,26 @@ def _load(state: dict[str, Any], path: Path | str, partial: bool = False) -> Non
         raise
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint of another model (other tensors or shapes) where this model's was expected."""
+
+
+def _check_same_model(own: dict[str, Any], saved: dict[str, Any], path: Path) -> None:
+    """Refuse, naming the tensors, a checkpoint whose model tensors are not this model's (a run folder written
+    by another configuration or code version): DCP would fail on the first one, deep in its planner."""
+    have = {k.removeprefix("model."): m for k, m in saved.items() if k.startswith("model.")}
+    missing, extra = sorted(own.keys() - have.keys()), sorted(have.keys() - own.keys())
+    resized = sorted(k for k in own.keys() & have.keys() if hasattr(own[k], "size") and hasattr(have[k], "size")
+                     and tuple(own[k].size()) != tuple(have[k].size))
+    if missing or extra or resized:
+        parts = [f"{what} {names[:3]}{' and more' if len(names) > 3 else ''}"
+                 for what, names in (("lacks", missing), ("has unknown", extra), ("has other shapes of", resized))
+                 if names]
+        raise CheckpointMismatchError(
+            f"{path} is not a checkpoint of this model: it {', '.join(parts)}. The run folder was written by "
+            "another configuration or code version: move it away or give the run another name")
+
+
 def saved_tensors(path: Path | str) -> dict[str, Any]:
     """The names (and storage metadata) of what checkpoint ``path`` holds, read safely."""
     return SafeReader(str(path)).read_metadata().state_dict_metadata
@@ -172,6 +192,7 @@ class Checkpointer:
             raise FileNotFoundError(f"no complete checkpoint {self.path(name)} (missing {META})")
         path = str(self.path(name))
         state = {"model": model.state_dict()}
+        _check_same_model(state["model"], saved_tensors(path), self.path(name))
         _load(state, path)
         model.load_state_dict(state["model"])
         if optimizer is not None:
