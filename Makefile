@@ -16,7 +16,9 @@ setup: $(STAMP)
 # Main job on the embedded default (MovieLens-100K from the recbole package, the packaged MiniLM), every
 # step a TorchX job: prepare; fine-tune the field model and embed the fields (LLaCTR); adapt the language
 # model to clicks and embed users/items with vLLM (ELEC); train DeepFM with 2 ranks as base, LLaCTR and
-# ELEC gain network; distil the student; export it and score the test split; print them side by side.
+# ELEC gain network; distil the student; export it and score the test split; SRP4CTR (pre-train, fine-tune,
+# cache the history encodings, serve from them); ClickPrompt (warm-up, PA-MLM, the CTR model alone, exported);
+# print them side by side.
 run: setup
 	PATH="$(CURDIR)/.venv/bin:$$PATH" $(PY) -m launch.pipeline
 
