@@ -106,26 +106,27 @@ def prompt_probe(run: Path, batches: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def serving_cost(runs: dict[str, Path], rounds: int) -> dict[str, dict[str, float]]:
-    """Median scoring latency (``task.score``: the served logit, unsharded, eval mode) of each run's model at
-    batches of 1 and 4,096 test rows, the models timed in turn in each round (``interleaved_medians``). Weights
-    do not change the cost, so the models are built from the runs' configs without loading them."""
+def serving_cost(base_run: Path, b_run: Path, rounds: int) -> dict[str, dict[str, float]]:
+    """Median scoring latency (``task.score``: the served logit, unsharded, eval mode) of the base, (b) and
+    (a) at batches of 1 and 4,096 test rows, the models timed in turn in each round (``interleaved_medians``).
+    Weights do not change the cost, so the models are built from the runs' configs without loading them; (a)
+    is (b)'s configuration with ``finetune=joint`` (no trained (a) run is needed)."""
     from recsys.data.loader import ParquetBatches, embedding_lookup
     from recsys.data.schema import PreparedSchema
     from recsys.experiment import build_task, load_config
 
-    cfgs = {k: load_config(run / "config.yaml") for k, run in runs.items()}
-    schema = PreparedSchema.load(cfgs["base"].data.path)
+    cfgs = {"base": load_config(base_run / "config.yaml"), "clickprompt_b": load_config(b_run / "config.yaml"),
+            "clickprompt_a": load_config(b_run / "config.yaml", ["method.clickprompt.finetune=joint"])}
+    data = cfgs["base"].data
+    schema = PreparedSchema.load(data.path)
     tasks = {k: build_task(schema, c, device=torch.device("cpu")) for k, c in cfgs.items()}
     for task in tasks.values():
         task.eval()
-    with_text = next(t for t in tasks.values() if t.side_files("test"))
     out = {}
     for rows in (1, 4096):
-        batch = next(iter(ParquetBatches(cfgs["base"].data.path, "test", schema, rows,
-                                         side_files=with_text.side_files("test"),
-                                         lookup=embedding_lookup(cfgs["base"].data.path, schema,
-                                                                 cfgs["base"].data.min_count))))
+        batch = next(iter(ParquetBatches(data.path, "test", schema, rows,
+                                         side_files=tasks["clickprompt_a"].side_files("test"),
+                                         lookup=embedding_lookup(data.path, schema, data.min_count))))
         n = rounds if rows == 1 else max(3, rounds // 20)
         caps = {"clickprompt_a": 3} if rows > 1 else None  # the PLM's pass over 4,096 rows takes about a minute
         medians = interleaved_medians({k: lambda t=t, b=batch: t.score(b) for k, t in tasks.items()}, n, caps)
@@ -139,7 +140,8 @@ def main() -> int:
     p.add_argument("--split", choices=["cold_item", "cold_user"], default=None)
     p.add_argument("--backbones", nargs="+", default=["deepfm", "dcnv2", "autoint"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--joint-seeds", nargs="*", type=int, default=[1], help="seeds of mode (a) (costly on CPU)")
+    p.add_argument("--joint-seeds", nargs="*", type=int, default=[1],
+                   help="seeds of mode (a) (costly on CPU; none: only its serving cost is measured)")
     p.add_argument("--joint-backbones", nargs="*", default=["deepfm"])
     p.add_argument("--mlm-batch", type=int, default=64, help="rows per step in the language-model stages")
     p.add_argument("--warmup-steps", type=int, default=40, help="steps per warm-up epoch")
@@ -173,13 +175,10 @@ def main() -> int:
                                                           "clickprompt_a") for s in args.joint_seeds]
         run = REPO / "runs" / "bench" / run_name(data, backbone, args.seeds[0], "clickprompt_b")
         probes[backbone] = prompt_probe(run, args.probe_batches)
-    cost_backbone = next((b for b in args.backbones if "clickprompt_a" in results[b]), None)
-    cost = {}
-    if cost_backbone:
-        seed = args.joint_seeds[0]
-        cost = {"backbone": cost_backbone, "seed": seed, "batches": serving_cost(
-            {v: REPO / "runs" / "bench" / run_name(data, cost_backbone, seed, v)
-             for v in ("base", "clickprompt_b", "clickprompt_a")}, args.latency_rounds)}
+    cost_backbone, seed = args.backbones[0], args.seeds[0]
+    cost = {"backbone": cost_backbone, "seed": seed, "batches": serving_cost(
+        *(REPO / "runs" / "bench" / run_name(data, cost_backbone, seed, v) for v in ("base", "clickprompt_b")),
+        args.latency_rounds)}
     report(args, data, results, probes, tokens, cost)
     return 0
 
