@@ -199,7 +199,7 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
     write_json(stem.with_suffix(".json"), summary)
     bud = summary["budget"]
     lines = [f"# ClickPrompt on {data}", "", f"Command: `{summary['command']}`. Seeds {args.seeds} (mode (a): "
-             f"{args.joint_seeds}). The language model is the packaged all-MiniLM-L6-v2 as a masked LM (its MLM "
+             f"{args.joint_seeds or 'not trained; its serving cost only'}). The language model is the packaged all-MiniLM-L6-v2 as a masked LM (its MLM "
              "head's transform is untrained, so a plain-MLM warm-up comes first).", "",
              f"Budget on 2 cores: warm-up {bud['warmup_epochs']} × {bud['warmup_steps_per_epoch']} steps and PA-MLM "
              f"{bud['pretrain_epochs']} × {bud['pretrain_steps_per_epoch']} steps, of {bud['mlm_batch']} rows each "
