@@ -37,6 +37,7 @@ from benchmarks.common import (
     REPO,
     RESULTS,
     environment,
+    environment_line,
     fmt,
     interleaved_medians,
     mean_std,
@@ -240,9 +241,7 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
     lines += ["Variants: `base` the backbone alone (also the control: the same CTR model without PA-MLM); "
               "`clickprompt_b` warm-up, PA-MLM with prefix prompts, then the CTR model alone (served without the "
               "language model); `clickprompt_a` the same pre-training, then CTR model and language model together.",
-              "", f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}, "
-              + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + f"; commit {env['commit']}, {env['date']}.",
-              ""]
+              "", environment_line(env), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print(f"wrote {stem}.md/.json")
 

@@ -39,6 +39,13 @@ def environment(packages: tuple[str, ...] = PACKAGES) -> dict:
             "cpu": cpu, "cores": os.cpu_count(), "packages": versions, "commit": commit}
 
 
+def environment_line(env: dict, packages: bool = True) -> str:
+    """The records' footer: "Environment: CPU, cores, Python[, packages]; commit, date." """
+    pkgs = "".join(f", {k} {v}" for k, v in env["packages"].items()) if packages else ""
+    return (f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}{pkgs}; commit {env['commit']}, "
+            f"{env['date']}.")
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 

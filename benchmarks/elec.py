@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import REPO, RESULTS, environment, fmt, mean_std, python, write_json
+from benchmarks.common import REPO, RESULTS, environment, environment_line, fmt, mean_std, python, write_json
 from benchmarks.quality import SEEDS, data_name, per_seed, prepare_data, regime_table, run_name, run_one
 
 TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_s{seed}"
@@ -234,9 +234,7 @@ def report(args: argparse.Namespace, results: dict, model: Path) -> None:
     shown = dict.fromkeys(v for vs in summary["runs"].values() for v in vs)
     lines += ["Variants:", ""] + [f"- `{v}`: {VARIANT_NOTES.get(v, '')}" for v in shown] + [""]
     env = summary["environment"]
-    lines += [f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}, "
-              + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + f"; commit {env['commit']}, "
-              f"{env['date']}.", ""]
+    lines += [environment_line(env), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     plot(summary, stem.with_suffix(".png"))
     print(f"wrote {stem}.md/.json/.png")

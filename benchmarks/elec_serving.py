@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, RESULTS, environment, interleaved_medians, write_json
+from benchmarks.common import REPO, RESULTS, environment, environment_line, interleaved_medians, write_json
 
 
 def main() -> int:
@@ -121,8 +121,7 @@ def main() -> int:
     lines += ["", "The student is the base architecture with other weights: its ratio measures noise, and the "
               "target is within 1.05. The gain network adds two vector gathers and projections and two more "
               "fields to the interaction. The language model encodes two texts per row.", "",
-              f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}; commit {env['commit']}, "
-              f"{env['date']}. Other processes may have shared the machine.", ""]
+              environment_line(env, packages=False) + " Other processes may have shared the machine.", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

@@ -26,7 +26,15 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, RESULTS, environment, interleaved_medians, python, write_json
+from benchmarks.common import (
+    REPO,
+    RESULTS,
+    environment,
+    environment_line,
+    interleaved_medians,
+    python,
+    write_json,
+)
 from recsys.data.loader import ParquetBatches
 from recsys.data.schema import PreparedSchema
 
@@ -124,9 +132,8 @@ def main() -> int:
                   "| offline step | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in offline.items()]
     env = result["environment"]
-    lines += ["", f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}; commit {env['commit']}, "
-              f"{env['date']}. Both sides of each ratio ran interleaved in the same process, so noise from "
-              "other processes hits both alike.", ""]
+    lines += ["", environment_line(env, packages=False) + " Both sides of each ratio ran interleaved in the same "
+              "process, so noise from other processes hits both alike.", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

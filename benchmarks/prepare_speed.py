@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, RESULTS, environment, python, write_json
+from benchmarks.common import REPO, RESULTS, environment, environment_line, python, write_json
 
 
 def _once(code: Path, dataset: str) -> float:
@@ -70,8 +70,7 @@ def main() -> int:
              f"{statistics.median(other_times):.1f} s ({', '.join(f'{t:.1f}' for t in other_times)}); this code "
              f"takes {result['ratio']:.2f}x its time.\n\n" if other is not None else "")
           +
-          f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}; commit {env['commit']}, "
-          f"{env['date']}.\n")
+          environment_line(env, packages=False) + "\n")
     (RESULTS / "prepare.md").write_text(md)
     print(md)
     return 0

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, RESULTS, environment, fmt, mean_std, python, write_json
+from benchmarks.common import REPO, RESULTS, environment, environment_line, fmt, mean_std, python, write_json
 
 BACKBONES = ["fm", "deepfm", "dcnv2", "autoint", "finalmlp", "wukong"]
 SEEDS = [1, 2, 3, 4, 5]
@@ -199,9 +199,7 @@ def main() -> int:
               "speed only in throughput.md, where both sides run in the same process. A best epoch equal to "
               "train.epochs means the model was still improving when training stopped. Compare variants with "
               "`python -m benchmarks.compare` (paired by seed)."]
-    lines += ["", f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}, "
-              + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + f"; commit {env['commit']}, "
-              f"{env['date']}.", ""]
+    lines += ["", environment_line(env), ""]
     md.write_text("\n".join(lines))
     plot(summary, png)
     print(f"wrote {RESULTS / name}.md/.json/.png")

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import REPO, RESULTS, environment, interleaved_medians, write_json
+from benchmarks.common import REPO, RESULTS, environment, environment_line, interleaved_medians, write_json
 from benchmarks.quality import prepare_data, run_name, run_one
 from embedding_jobs.history_encodings import encode_histories, load_srp_run
 from recsys.data.loader import make_batch, table_chunk
@@ -122,8 +122,7 @@ def main() -> int:
     lines += ["", f"Same scores both ways: {all(r['same_scores'] for r in results.values())}. "
               f"{len(keys):,} distinct test histories cached.", ""]
     env = summary["environment"]
-    lines += [f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}, "
-              + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + f"; commit {env['commit']}, {env['date']}.", ""]
+    lines += [environment_line(env), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print(f"wrote {stem}.md/.json")
     return 0

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from benchmarks.common import REPO, RESULTS, environment, fmt, write_json
+from benchmarks.common import REPO, RESULTS, environment, environment_line, fmt, write_json
 from benchmarks.quality import SEEDS, prepare_data, run_name
 from recsys.data.schema import FIRST_ID, PreparedSchema
 from recsys.methods.srp4ctr import sequence_fields
@@ -84,8 +84,7 @@ def main() -> int:
         lines.append(f"| encoder ({b} run) | " + " | ".join(fmt([r[m] for r in rs]) for m in metrics)
                      + f" | {[r['epochs'] for r in rs]} |")
     env = summary["environment"]
-    lines += ["", f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}; commit {env['commit']}, "
-              f"{env['date']}.", ""]
+    lines += ["", environment_line(env, packages=False), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0

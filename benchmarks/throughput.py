@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, RESULTS, environment, python, write_json
+from benchmarks.common import REPO, RESULTS, environment, environment_line, python, write_json
 from benchmarks.plain_deepfm import PlainDeepFM
 from recsys.data.loader import ParquetBatches
 from recsys.data.schema import PreparedSchema
@@ -169,9 +169,7 @@ def main() -> int:
                   "all-to-all and gradient all-reduce through gloo; no speed-up is possible here beyond what "
                   "threading already gives one rank.", ""]
     env = result["environment"]
-    lines += [f"Environment: {env['cpu']}, {env['cores']} cores, Python {env['python']}, "
-              + ", ".join(f"{k} {v}" for k, v in env["packages"].items()) + f"; commit {env['commit']}, {env['date']}.",
-              ""]
+    lines += [environment_line(env), ""]
     (RESULTS / "throughput.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
