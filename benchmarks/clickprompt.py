@@ -45,29 +45,30 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.quality import data_name, per_seed, prepare_data, regime_table, run_name, run_one
+from recsys.train.config import override
 
 
-def _per_stage(**values: int) -> str:
-    """A YAML mapping as an override value, its braces doubled for ``benchmarks.quality``'s str.format."""
-    return "{{" + ", ".join(f"{k}: {v}" for k, v in values.items()) + "}}"
+def _per_stage(key: str, **values: int) -> str:
+    """A ``train.<key>={stage: n, ...}`` override, its braces doubled for ``benchmarks.quality``'s str.format."""
+    return override(f"train.{key}", values).replace("{", "{{").replace("}", "}}")
 
 
 def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
     # the language-model stages take small batches; the CTR stage keeps the benchmark config's batch size
     lm = ("warmup", "pretrain")
     pre = ["method.name=clickprompt", f"method.clickprompt.tokens={tokens}",
-           "train.stage_eval_steps=" + _per_stage(**dict.fromkeys(lm, args.mlm_eval_steps))]
+           _per_stage("stage_eval_steps", **dict.fromkeys(lm, args.mlm_eval_steps))]
     epochs = {"warmup": args.warmup_epochs, "pretrain": args.pretrain_epochs}
     steps = {"warmup": args.warmup_steps, "pretrain": args.pretrain_steps}
     return {
-        "clickprompt_b": [*pre, "method.clickprompt.finetune=ctr", "train.stage_steps=" + _per_stage(**steps),
-                          "train.stage_epochs=" + _per_stage(**epochs),
-                          "train.stage_batch_size=" + _per_stage(**dict.fromkeys(lm, args.mlm_batch))],
+        "clickprompt_b": [*pre, "method.clickprompt.finetune=ctr", _per_stage("stage_steps", **steps),
+                          _per_stage("stage_epochs", **epochs),
+                          _per_stage("stage_batch_size", **dict.fromkeys(lm, args.mlm_batch))],
         # the PLM trains with the CTR model: small batches there too (1,024 rows of MiniLM do not fit in memory)
         "clickprompt_a": [*pre, "method.clickprompt.finetune=joint",
-                          "train.stage_steps=" + _per_stage(**steps, ctr=args.joint_steps),
-                          "train.stage_epochs=" + _per_stage(**epochs, ctr=args.joint_epochs),
-                          "train.stage_batch_size=" + _per_stage(**dict.fromkeys([*lm, "ctr"], args.mlm_batch))],
+                          _per_stage("stage_steps", **steps, ctr=args.joint_steps),
+                          _per_stage("stage_epochs", **epochs, ctr=args.joint_epochs),
+                          _per_stage("stage_batch_size", **dict.fromkeys([*lm, "ctr"], args.mlm_batch))],
     }
 
 

@@ -28,6 +28,7 @@ from torchx import specs
 from torchx.runner import get_runner
 
 from launch import components
+from recsys.train.config import override
 
 Step = tuple[str, Callable[[], specs.AppDef | None]]
 
@@ -103,18 +104,14 @@ def steps(args: argparse.Namespace) -> list[Step]:
     out.append(("tokenise rows", lambda: components.row_tokens(str(data), str(tokens), **image)))
     out.append(("train ClickPrompt", lambda: train(
         args.config, *common, f"name={click}", "method.name=clickprompt", f"method.clickprompt.tokens={tokens}",
-        _per_stage("stage_steps", lm_stages, args.clickprompt_steps), _per_stage("stage_batch_size", lm_stages, 32),
-        _per_stage("stage_epochs", lm_stages, 1), _per_stage("stage_eval_steps", lm_stages, 5), **size)))
+        *(override(f"train.{key}", dict.fromkeys(lm_stages, n)) for key, n in (
+            ("stage_steps", args.clickprompt_steps), ("stage_batch_size", 32), ("stage_epochs", 1),
+            ("stage_eval_steps", 5))), **size)))
     out.append(("export ClickPrompt", lambda: components.export(str(runs / click), str(click_export), **image)))
     out.append(("evaluate exported ClickPrompt", lambda: components.evaluate(
         str(click_export), str(data / "test.parquet"), str(root / "scores" / f"{click}_test.parquet"),
         metrics=str(click_export / "test_metrics.json"), **image)))
     return out
-
-
-def _per_stage(key: str, stages: tuple[str, ...], value: int) -> str:
-    """A ``train.<key>={stage: value, ...}`` override."""
-    return f"train.{key}={{" + ", ".join(f"{s}: {value}" for s in stages) + "}"
 
 
 def run_name(args: argparse.Namespace) -> str:

@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 
 from recsys.experiment import load_config
 from recsys.train.checkpoint import (
+    CheckpointMismatchError,
     SafeReader,
     UnsafeCheckpointError,
     _load,
@@ -90,6 +91,18 @@ def test_resuming_another_models_checkpoint_names_what_differs(finished_run, tmp
     err = capsys.readouterr().err
     assert "is not a checkpoint of this model" in err and "model.dnn.2.weight" in err, err
     assert sorted(p.name for p in (tmp_path / "base").rglob("*")) == before  # nothing written over
+
+
+def test_warm_starting_from_another_embedding_size_names_the_tensors(finished_run):
+    from recsys.data.schema import PreparedSchema
+    from recsys.experiment import build_task
+
+    run, data = finished_run
+    cfg = load_config(run / "config.yaml", ["model.embedding_dim=4"])
+    task = build_task(PreparedSchema.load(data), cfg, device=torch.device("cpu"))
+    with pytest.raises(CheckpointMismatchError, match=r"has other shapes of \d+ tensor\(s\)") as e:
+        load_part(run / "checkpoints" / "best", task)
+    assert "embedding" in str(e.value) or "ebc" in str(e.value), e.value
 
 
 def test_resume_refuses_hostile_metadata(hostile):

@@ -15,7 +15,7 @@ import torch
 from recsys.data.prepare import prepare
 from recsys.data.schema import load_schema
 from recsys.experiment import ExperimentConfig, load_config
-from recsys.train.config import ConfigError
+from recsys.train.config import ConfigError, apply_overrides, override
 from recsys.train.metrics import auc, logloss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +70,11 @@ def test_config_file_and_overrides(tmp_path):
     assert cfg.model.dcnv2.num_cross_layers == 2 and tuple(cfg.model.dcnv2.hidden) == (32, 16)
     assert cfg.optim.dense_lr == 0.01
     assert cfg.model.backbone_config() is cfg.model.dcnv2
+
+
+@pytest.mark.parametrize("value", [{"warmup": 40, "pretrain": 4}, [1, 2], "x y", "a: b", 0.1, True, None])
+def test_an_override_written_from_a_value_reads_back_as_that_value(value):
+    assert apply_overrides({}, [override("train.x", value)]) == {"train": {"x": value}}
 
 
 @pytest.mark.parametrize("overrides, message", [

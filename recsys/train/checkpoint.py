@@ -131,20 +131,21 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint of another model (other tensors or shapes) where this model's was expected."""
 
 
-def _check_same_model(own: dict[str, Any], saved: dict[str, Any], path: Path) -> None:
-    """Refuse, naming the tensors, a checkpoint whose model tensors are not this model's (a run folder written
-    by another configuration or code version): DCP would fail on the first one, deep in its planner."""
+def _check_same_model(own: dict[str, Any], saved: dict[str, Any], path: Path, partial: bool = False) -> None:
+    """Refuse, naming the tensors, a checkpoint whose model tensors are not ``own`` (a run folder written by
+    another configuration or code version): DCP would fail on the first one, deep in its planner. With
+    ``partial``, ``own`` is the part wanted and the checkpoint may hold more."""
     have = {k.removeprefix("model."): m for k, m in saved.items() if k.startswith("model.")}
-    missing, extra = sorted(own.keys() - have.keys()), sorted(have.keys() - own.keys())
+    missing, extra = sorted(own.keys() - have.keys()), [] if partial else sorted(have.keys() - own.keys())
     resized = sorted(k for k in own.keys() & have.keys() if hasattr(own[k], "size") and hasattr(have[k], "size")
                      and tuple(own[k].size()) != tuple(have[k].size))
     if missing or extra or resized:
-        parts = [f"{what} {names[:3]}{' and more' if len(names) > 3 else ''}"
+        parts = [f"{what} {len(names)} tensor(s) {names[:3]}{' and more' if len(names) > 3 else ''}"
                  for what, names in (("lacks", missing), ("has unknown", extra), ("has other shapes of", resized))
                  if names]
         raise CheckpointMismatchError(
             f"{path} is not a checkpoint of this model: it {', '.join(parts)}. The run folder was written by "
-            "another configuration or code version: move it away or give the run another name")
+            "another backbone, configuration or code version: move it away or give the run another name")
 
 
 def saved_tensors(path: Path | str) -> dict[str, Any]:
@@ -210,18 +211,14 @@ def load_part(path: str | Path, module: nn.Module, target_prefix: str = "", sour
     It warm-starts part of a model from another run (a student's frozen teacher from the gain network's
     run: ``target_prefix="teacher."``) and exports a backbone from a task's checkpoint
     (``source_prefix="model."``). Sharded or not, on any number of ranks: DCP reshards. Every requested
-    tensor must be in the checkpoint. Returns the number of tensors loaded.
+    tensor must be in the checkpoint, with its shape. Returns the number of tensors loaded.
     """
     path = Path(path)
     if not (path / META).is_file():
         raise FileNotFoundError(f"no complete checkpoint {path} (missing {META})")
-    saved = saved_tensors(path)
     own = {k: v for k, v in module.state_dict().items() if k.startswith(target_prefix)}
     wanted = {source_prefix + k[len(target_prefix):]: v for k, v in own.items()}
-    missing = sorted(k for k in wanted if f"model.{k}" not in saved)
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}: "
-                         "was it written by another backbone or configuration?")
+    _check_same_model(wanted, saved_tensors(path), path, partial=True)
     state = {"model": wanted}
     _load(state, path, partial=True)
     loaded = {target_prefix + k[len(source_prefix):]: v for k, v in state["model"].items()}

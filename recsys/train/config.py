@@ -188,6 +188,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def override(key: str, value: Any) -> str:
+    """The ``key=value`` override that sets ``key`` to ``value`` (a mapping or list written as YAML flow)."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=float("inf"))
+    return f"{key}=" + text.removesuffix("...\n").strip()  # a scalar's YAML document ends with "..."
+
+
 def read_yaml(path: str | Path | None, overrides: list[str] | None = None) -> dict[str, Any]:
     """An experiment file as a mapping, with ``overrides`` applied (``None``: overrides alone)."""
     data: dict[str, Any] = {}
