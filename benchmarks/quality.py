@@ -155,6 +155,18 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _kept_backbones(js: Path, summary: dict, rerun: list[str]) -> dict:
+    """The backbones of an earlier record of the same variant and seeds that this command does not rerun, with
+    the command each came from: a variant tuned per backbone (its own overrides each) builds one record."""
+    if not js.exists():
+        return {}
+    old = json.loads(js.read_text())
+    if old.get("seeds") != summary["seeds"] or old.get("variant") != summary["variant"]:
+        return {}
+    commands = old.get("commands") or {b: old["command"] for b in old["backbones"]}
+    return {b: (r, commands[b]) for b, r in old["backbones"].items() if b not in rerun}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", choices=["ml-100k", "ml-1m"], required=True)
@@ -177,17 +189,24 @@ def main() -> int:
                "config": f"benchmarks/configs/{args.dataset.replace('-', '')}.yaml", "overrides": args.overrides,
                "command": "python -m benchmarks.quality " + " ".join(sys.argv[1:]),
                "environment": environment(), "backbones": {}}
+    name = f"quality_{data}" + ("" if args.variant == "base" else f"_{args.variant}")
+    # not Path.with_suffix: a variant name may hold a dot (llactr_llm0.1)
+    md, js, png = (RESULTS / f"{name}.{ext}" for ext in ("md", "json", "png"))
+    summary["commands"] = {b: summary["command"] for b in args.backbones}
+    kept = _kept_backbones(js, summary, args.backbones)
     for backbone in args.backbones:
         runs = [run_one(args.dataset, data, backbone, s, args.overrides, args.variant, args.ranks) for s in args.seeds]
         summary["backbones"][backbone] = per_seed(runs)
         print(f"{backbone:<9} test AUC {fmt([r['test_auc'] for r in runs])}  "
               f"logloss {fmt([r['test_logloss'] for r in runs])}", flush=True)
-    name = f"quality_{data}" + ("" if args.variant == "base" else f"_{args.variant}")
-    # not Path.with_suffix: a variant name may hold a dot (llactr_llm0.1)
-    md, js, png = (RESULTS / f"{name}.{ext}" for ext in ("md", "json", "png"))
+    for b, (record, command) in kept.items():
+        summary["backbones"][b], summary["commands"][b] = record, command
     write_json(js, summary)
+    commands = sorted(set(summary["commands"].values()))
+    said = (f"Command: `{commands[0]}`" if len(commands) == 1 else "Commands (the backbones were tuned apart): "
+            + "; ".join(f"{b}: `{c}`" for b, c in summary["commands"].items()))
     lines = [f"# Quality on {data}" + ("" if args.variant == "base" else f": {args.variant}"), "",
-             f"Command: `{summary['command']}` (config `{summary['config']}`), seeds {args.seeds}.", "",
+             f"{said} (config `{summary['config']}`), seeds {args.seeds}.", "",
              "| backbone | test AUC | test logloss | valid AUC | best epochs | train samples/s |",
              "|---|---|---|---|---|---|"]
     for b, r in summary["backbones"].items():

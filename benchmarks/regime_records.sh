@@ -16,8 +16,9 @@ base() {
   $PY -m benchmarks.quality --dataset ml-1m --train-fraction 0.05
 }
 
-# LLaCTR and its control (seeded random field vectors) on one prepared dataset: $1 dataset, $2 split flag
-llactr() {
+# The dataset, the fine-tuned field model, its field table and the seeded random control table: $1 dataset,
+# $2 prepared name, then the split flags
+llactr_tables() {
   local dataset=$1 data=$2 flags=("${@:3}")
   local fields=runs/models/$data-fields features=runs/features/$data
   [ -f "runs/data/$data/schema.json" ] || $PY -m recsys.prepare --dataset "$dataset" "${flags[@]}" \
@@ -28,6 +29,13 @@ llactr() {
     --model "$fields" --out "$features" --no-progress
   [ -f "runs/features/$data-random/field/table.parquet" ] || $PY -m benchmarks.random_field_table \
     --like "$features/field" --out "runs/features/$data-random"
+}
+
+# LLaCTR and its control (seeded random field vectors) on one prepared dataset: $1 dataset, $2 split flag
+llactr() {
+  local dataset=$1 data=$2 flags=("${@:3}")
+  local fields=runs/models/$data-fields features=runs/features/$data
+  llactr_tables "$@"
   $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 --variant llactr \
     method.name=llactr "method.llactr.field_table=$features/field"
   $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 --variant llactr_random \
@@ -42,6 +50,33 @@ llactr() {
   $PY -m benchmarks.field_similarity --dataset runs/data/$data --table "fine-tuned=$features/field" \
     --table "untuned=runs/features/$data-untuned/field" --table "random=runs/features/$data-random/field" \
     --report "$fields/report.json"
+}
+
+# LLaCTR with the loss weights chosen on validation (benchmarks.llactr_sweep, one seed, the reference's sum
+# reduction), 5 seeds, against the same weights on the random table and against the base
+llactr_tuned() {
+  local dataset=$1 data=$2 flags=("${@:3}")
+  local features=runs/features/$data sweep=benchmarks/results/llactr_sweep_$data.json
+  llactr_tables "$@"
+  [ -f "$sweep" ] || $PY -m benchmarks.llactr_sweep --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 \
+    --field-table "$features/field"
+  for b in deepfm dcnv2; do
+    local chosen
+    chosen=$($PY -c "import json; c = json.load(open('$sweep'))['backbones']['$b']['chosen']
+print(f\"method.llactr.lambda_loss={c['lambda_loss']} method.llactr.lambda_llm={c['lambda_llm']}\")")
+    # shellcheck disable=SC2086
+    $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones "$b" --variant llactr_tuned \
+      method.name=llactr "method.llactr.field_table=$features/field" $chosen method.llactr.fre_reduction=sum \
+      method.llactr.adaptor=full
+    # shellcheck disable=SC2086
+    $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones "$b" --variant llactr_random_tuned \
+      method.name=llactr "method.llactr.field_table=runs/features/$data-random/field" $chosen \
+      method.llactr.fre_reduction=sum method.llactr.adaptor=full
+  done
+  $PY -m benchmarks.compare --data "$data" --variants llactr_tuned llactr_random_tuned --backbones deepfm dcnv2 \
+    --out "compare_${data}_llactr_tuned"
+  $PY -m benchmarks.compare --data "$data" --variants llactr_tuned --reference llactr_random_tuned \
+    --backbones deepfm dcnv2 --out "compare_${data}_llactr_tuned_vs_random"
 }
 
 # ELEC (gain network, students, the no-language-model control student), and the profile-text ablation
@@ -93,9 +128,11 @@ srp4ctr() {
 case $what in
   base) base ;;
   srp4ctr) srp4ctr ;;
+  llactr_tuned) llactr_tuned ml-1m ml-1m_cold-item --split cold_item ;;
   llactr) llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item ;;
   elec) elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
   all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
+       llactr_tuned ml-1m ml-1m_cold-item --split cold_item
        elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
-  *) echo "usage: $0 [all|base|llactr|elec|srp4ctr]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|base|llactr|llactr_tuned|elec|srp4ctr]" >&2; exit 2 ;;
 esac
