@@ -35,12 +35,20 @@ def load_runs(data: str, name: str, record: str | None) -> dict:
             raise FileNotFoundError(f"{path} not found: run `python -m benchmarks.quality` for it")
         if path.is_file():
             r = json.loads(path.read_text())
-            return {"seeds": r["seeds"], "backbones": r["backbones"], "command": r["command"]}
+            return {"seeds": r["seeds"], "backbones": r["backbones"], "command": _command(r)}
     r = json.loads((RESULTS / f"{record}.json").read_text())
     runs = {b: vs[name] for b, vs in r["runs"].items() if name in vs}
     if not runs:
         raise KeyError(f"{record}.json has no runs of {name!r}")
-    return {"seeds": r["seeds"], "backbones": runs, "command": r["command"]}
+    return {"seeds": r["seeds"], "backbones": runs, "command": _command(r)}
+
+
+def _command(record: dict) -> str:
+    """The record's command, or each backbone's where they were run apart (a variant tuned per backbone)."""
+    commands = record.get("commands") or {}
+    if len(set(commands.values())) > 1:
+        return "; ".join(f"{b}: `{c}`" for b, c in commands.items())
+    return f"`{record['command']}`"
 
 
 def metric_values(figures: dict, metric: str) -> list[float | None]:
@@ -141,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(f"| {name} | " + " | ".join(cell(Paired(**{k: c[k] for k in Paired.__dataclass_fields__}))
                                                    if c else "-" for c in cells.values()) + " |")
         lines.append("")
-    lines += ["Commands:", "", f"- {args.reference}: `{reference['command']}`"]
-    lines += [f"- {name}: `{v['command']}`" for name, v in variants.items()] + [""]
+    lines += ["Commands:", "", f"- {args.reference}: {reference['command']}"]
+    lines += [f"- {name}: {v['command']}" for name, v in variants.items()] + [""]
     (RESULTS / f"{out}.md").write_text("\n".join(lines))
     plot(table, RESULTS / f"{out}.png", args.reference)
     print("\n".join(lines))

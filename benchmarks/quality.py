@@ -201,6 +201,9 @@ def main() -> int:
               f"logloss {fmt([r['test_logloss'] for r in runs])}", flush=True)
     for b, (record, command) in kept.items():
         summary["backbones"][b], summary["commands"][b] = record, command
+    order = [b for b in BACKBONES if b in summary["backbones"]]  # one order, whichever ran first
+    summary["backbones"] = {b: summary["backbones"][b] for b in order}
+    summary["commands"] = {b: summary["commands"][b] for b in order}
     write_json(js, summary)
     commands = sorted(set(summary["commands"].values()))
     said = (f"Command: `{commands[0]}`" if len(commands) == 1 else "Commands (the backbones were tuned apart): "
