@@ -53,30 +53,30 @@ llactr() {
 }
 
 # LLaCTR with the loss weights chosen on validation (benchmarks.llactr_sweep, one seed, the reference's sum
-# reduction), 5 seeds, against the same weights on the random table and against the base
+# reduction), 5 seeds, against the same weights on the random table and against the base; $4 the adaptor
+# (full: w = A s + b; scalar: w = a s + b, where only the similarities can tell the pairs apart)
 llactr_tuned() {
-  local dataset=$1 data=$2 flags=("${@:3}")
+  local dataset=$1 data=$2 adaptor=$3 flags=("${@:4}")
+  local suffix=${adaptor/full/tuned}
   local features=runs/features/$data sweep=benchmarks/results/llactr_sweep_$data.json
-  llactr_tables "$@"
+  llactr_tables "$dataset" "$data" "${flags[@]}"
   [ -f "$sweep" ] || $PY -m benchmarks.llactr_sweep --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 \
     --field-table "$features/field"
   for b in deepfm dcnv2; do
     local chosen
     chosen=$($PY -c "import json; c = json.load(open('$sweep'))['backbones']['$b']['chosen']
 print(f\"method.llactr.lambda_loss={c['lambda_loss']} method.llactr.lambda_llm={c['lambda_llm']}\")")
-    # shellcheck disable=SC2086
-    $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones "$b" --variant llactr_tuned \
-      method.name=llactr "method.llactr.field_table=$features/field" $chosen method.llactr.fre_reduction=sum \
-      method.llactr.adaptor=full
-    # shellcheck disable=SC2086
-    $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones "$b" --variant llactr_random_tuned \
-      method.name=llactr "method.llactr.field_table=runs/features/$data-random/field" $chosen \
-      method.llactr.fre_reduction=sum method.llactr.adaptor=full
+    for table in "" _random; do
+      # shellcheck disable=SC2086
+      $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones "$b" \
+        --variant "llactr${table}_$suffix" method.name=llactr "method.llactr.field_table=runs/features/$data${table/_/-}/field" \
+        $chosen method.llactr.fre_reduction=sum "method.llactr.adaptor=$adaptor"
+    done
   done
-  $PY -m benchmarks.compare --data "$data" --variants llactr_tuned llactr_random_tuned --backbones deepfm dcnv2 \
-    --out "compare_${data}_llactr_tuned"
-  $PY -m benchmarks.compare --data "$data" --variants llactr_tuned --reference llactr_random_tuned \
-    --backbones deepfm dcnv2 --out "compare_${data}_llactr_tuned_vs_random"
+  $PY -m benchmarks.compare --data "$data" --variants "llactr_$suffix" "llactr_random_$suffix" \
+    --backbones deepfm dcnv2 --out "compare_${data}_llactr_$suffix"
+  $PY -m benchmarks.compare --data "$data" --variants "llactr_$suffix" --reference "llactr_random_$suffix" \
+    --backbones deepfm dcnv2 --out "compare_${data}_llactr_${suffix}_vs_random"
 }
 
 # ELEC (gain network, students, the no-language-model control student), and the profile-text ablation
@@ -128,11 +128,13 @@ srp4ctr() {
 case $what in
   base) base ;;
   srp4ctr) srp4ctr ;;
-  llactr_tuned) llactr_tuned ml-1m ml-1m_cold-item --split cold_item ;;
+  llactr_tuned) llactr_tuned ml-1m ml-1m_cold-item full --split cold_item
+                llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item ;;
   llactr) llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item ;;
   elec) elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
   all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
-       llactr_tuned ml-1m ml-1m_cold-item --split cold_item
+       llactr_tuned ml-1m ml-1m_cold-item full --split cold_item
+       llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item
        elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
   *) echo "usage: $0 [all|base|llactr|llactr_tuned|elec|srp4ctr]" >&2; exit 2 ;;
 esac
