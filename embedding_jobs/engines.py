@@ -79,7 +79,8 @@ class VLLMOptions:
     gpu_memory_utilization: float = 0.3
     tensor_parallel_size: int = 1
     enable_prefix_caching: bool = False
-    enforce_eager: bool = True  # no graph capture/compilation: start-up cost that pays only on GPUs
+    # no graph capture/compilation (None: eager on CPU, where it is start-up cost only; CUDA graphs on GPUs)
+    enforce_eager: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -281,9 +282,12 @@ class TransformersEngine(_EngineBase):
         self._model = AutoModel.from_pretrained(self.info.model_path, local_files_only=True,
                                                 dtype=getattr(torch, options.dtype),
                                                 trust_remote_code=options.trust_remote_code).eval()
-        self._load_head()
-        log.info("transformers engine: %s (%s pooling, normalize=%s, max %d tokens, head %s, dim %d)", self.model_name,
-                 self.info.pooling, self.info.normalize, self.max_length, self.info.head or "none", self.dim)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._model.to(self.device)
+        self._load_head()  # the head stays on the CPU: it is one small MLP over the pooled vectors
+        log.info("transformers engine on %s: %s (%s pooling, normalize=%s, max %d tokens, head %s, dim %d)", self.device,
+                 self.model_name, self.info.pooling, self.info.normalize, self.max_length, self.info.head or "none",
+                 self.dim)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         ids, truncated = self._tokenizer.encode(texts)
@@ -294,8 +298,10 @@ class TransformersEngine(_EngineBase):
             for start in range(0, len(order), self.batch_size):
                 rows = order[start:start + self.batch_size]
                 input_ids, mask = right_padded([ids[r] for r in rows], self._tokenizer.pad_id)
+                input_ids, mask = input_ids.to(self.device), mask.to(self.device)
                 hidden = self._model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()
-                out[rows] = self._project(pool(hidden, mask, self.info.pooling, self.info.normalize)).numpy()
+                pooled = pool(hidden, mask, self.info.pooling, self.info.normalize).cpu()
+                out[rows] = self._project(pooled).numpy()
         return self._check_output(out, len(ids))
 
     def close(self) -> None:
@@ -353,7 +359,9 @@ class VLLMEngine(_EngineBase):
             max_model_len=self.info.max_length, trust_remote_code=options.trust_remote_code,
             gpu_memory_utilization=vllm_options.gpu_memory_utilization,
             tensor_parallel_size=vllm_options.tensor_parallel_size,
-            enable_prefix_caching=vllm_options.enable_prefix_caching, enforce_eager=vllm_options.enforce_eager,
+            enable_prefix_caching=vllm_options.enable_prefix_caching,
+            enforce_eager=(not torch.cuda.is_available() if vllm_options.enforce_eager is None
+                           else vllm_options.enforce_eager),
             pooler_config=PoolerConfig(pooling_type=self.info.pooling.upper(), use_activation=self.info.normalize),
         )
         log.info("vLLM engine: %s (%s pooling, normalize=%s, max %d tokens, head %s, dim %d)", self.model_name,

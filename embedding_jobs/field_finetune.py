@@ -152,13 +152,18 @@ class PooledEncoder:
                        if any(name.endswith(n) for name, _ in self.model.named_modules())]
             self.model = get_peft_model(self.model, LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank,
                                                                lora_dropout=0.0, target_modules=targets))
+        # the language model runs on the GPU where there is one; the pooled vectors come back to the CPU, where
+        # the small heads and losses of both callers live (autograd follows the copy)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device)
 
     def encode(self, texts: list[str], end: bool = True) -> torch.Tensor:
         """Pooled states; ``end=False``: a decoder's prompt without the end token (its last state answers)."""
         ids, _ = self.text_tokenizer.encode(texts, end=end)
         input_ids, mask = right_padded(ids, self.text_tokenizer.pad_id)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state
-        return pool(hidden, mask, self.pooling, self.normalize)
+        return pool(hidden, mask, self.pooling, self.normalize).cpu()
 
     @torch.no_grad()
     def accuracy(self, pairs: Pairs, fields: list[str], batch_size: int = 256, query_end: bool = True) -> float:

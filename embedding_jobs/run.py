@@ -76,8 +76,8 @@ def parser() -> argparse.ArgumentParser:
                    help="vLLM: fraction of GPU memory, or on CPU of RAM, for the KV cache")
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="vLLM: GPUs per model")
     p.add_argument("--enable-prefix-caching", action="store_true", help="vLLM: reuse shared prompt prefixes")
-    p.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
-                   help="vLLM: allow graph capture/compilation (pays off on GPUs)")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                   help="vLLM: no graph capture/compilation (default: eager on CPU, CUDA graphs on GPUs)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads for the transformers engine (default: torch's choice; on a busy "
                         "machine fewer threads than cores can be faster)")
