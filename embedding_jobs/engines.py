@@ -45,6 +45,7 @@ from embedding_jobs.model_files import (
     resolve_model_path,
     weights_hash,
 )
+from recsys.device import compute_device
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +283,7 @@ class TransformersEngine(_EngineBase):
         self._model = AutoModel.from_pretrained(self.info.model_path, local_files_only=True,
                                                 dtype=getattr(torch, options.dtype),
                                                 trust_remote_code=options.trust_remote_code).eval()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = compute_device()
         self._model.to(self.device)
         self._load_head()  # the head stays on the CPU: it is one small MLP over the pooled vectors
         log.info("transformers engine on %s: %s (%s pooling, normalize=%s, max %d tokens, head %s, dim %d)", self.device,
@@ -360,7 +361,7 @@ class VLLMEngine(_EngineBase):
             gpu_memory_utilization=vllm_options.gpu_memory_utilization,
             tensor_parallel_size=vllm_options.tensor_parallel_size,
             enable_prefix_caching=vllm_options.enable_prefix_caching,
-            enforce_eager=(not torch.cuda.is_available() if vllm_options.enforce_eager is None
+            enforce_eager=(compute_device().type == "cpu" if vllm_options.enforce_eager is None
                            else vllm_options.enforce_eager),
             pooler_config=PoolerConfig(pooling_type=self.info.pooling.upper(), use_activation=self.info.normalize),
         )

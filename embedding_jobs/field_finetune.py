@@ -47,6 +47,7 @@ from embedding_jobs.prepared import PreparedData
 from embedding_jobs.templates import display_name, field_texts
 from recsys.atomic import atomic_dir
 from recsys.data.schema import FIRST_ID, FieldKind
+from recsys.device import compute_device
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class PooledEncoder:
                                                                lora_dropout=0.0, target_modules=targets))
         # the language model runs on the GPU where there is one; the pooled vectors come back to the CPU, where
         # the small heads and losses of both callers live (autograd follows the copy)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = compute_device()
         self.model.to(self.device)
 
     def encode(self, texts: list[str], end: bool = True) -> torch.Tensor:
