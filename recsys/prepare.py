@@ -21,7 +21,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from recsys.data.prepare import prepare
-from recsys.data.schema import BUILTIN_SCHEMAS, SPLIT_METHODS, SchemaError, load_schema, validate
+from recsys.data.schema import (
+    BUILTIN_SCHEMAS,
+    SPLIT_METHODS,
+    PreparedSchema,
+    SchemaError,
+    load_schema,
+    validate,
+)
 from recsys.data.sources import DataError
 
 
@@ -60,27 +67,34 @@ def main(argv: list[str] | None = None) -> int:
     except (SchemaError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(summary(prepared, args.out, time.perf_counter() - start,
+                  resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    return 0
+
+
+def summary(prepared: PreparedSchema, out: Path, seconds: float, peak_mb: float) -> str:
+    """What a prepared dataset holds, for the person who made it: splits, regimes, unknown values, fields."""
+    lines: list[str] = []
     c, st = prepared.counts, prepared.stats
-    print(f"prepared {prepared.name} into {args.out} in {time.perf_counter() - start:.1f}s "
-          f"(peak memory {peak_mb:.0f} MB, fingerprint {prepared.fingerprint})")
-    print(f"  rows read {st['rows_read']:,}, dropped by the label rule {st['rows_dropped_by_label_rule']:,}, "
-          f"labelled {st['rows_read'] - st['rows_dropped_by_label_rule']:,}")
+    lines.append(f"prepared {prepared.name} into {out} in {seconds:.1f}s "
+                 f"(peak memory {peak_mb:.0f} MB, fingerprint {prepared.fingerprint})")
+    lines.append(f"  rows read {st['rows_read']:,}, dropped by the label rule {st['rows_dropped_by_label_rule']:,}, "
+                 f"labelled {st['rows_read'] - st['rows_dropped_by_label_rule']:,}")
     if prepared.source.get("train_fraction", 1.0) < 1:
-        print(f"  training rows subsampled: {c['train']:,} of {prepared.source['train_rows_before_subsample']:,} "
-              f"(train_fraction {prepared.source['train_fraction']})")
-    print(f"  split ({prepared.split_method}): " + ", ".join(
+        lines.append(f"  training rows subsampled: {c['train']:,} of {prepared.source['train_rows_before_subsample']:,} "
+                     f"(train_fraction {prepared.source['train_fraction']})")
+    lines.append(f"  split ({prepared.split_method}): " + ", ".join(
         f"{k} {v:,} ({st['positive_rate'][k]:.1%} positive)" for k, v in c.items()))
     for split in ("valid", "test"):
         regimes = st["regime_rows"].get(split, {})
         if regimes:
-            print(f"  {split} rows by regime: " + ", ".join(
+            lines.append(f"  {split} rows by regime: " + ", ".join(
                 f"{k.replace('_', ' ')} {v:,} ({v / c[split]:.0%})" for k, v in regimes.items()))
     for split, unknown in st["unknown_values"].items():
         if unknown:
-            print(f"  {split}: unknown values mapped to <unk>: {unknown}")
-    print("  fields: " + ", ".join(f"{f.name}[{f.vocab_size}]" for f in prepared.fields))
-    return 0
+            lines.append(f"  {split}: unknown values mapped to <unk>: {unknown}")
+    lines.append("  fields: " + ", ".join(f"{f.name}[{f.vocab_size}]" for f in prepared.fields))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -240,6 +240,12 @@ def test_two_gloo_ranks_train_export_and_move_to_one_rank(ml100k, tmp_path, shar
     assert moved["world_size"] == 1
     for key in ("valid_auc", "valid_logloss", "test_auc", "test_logloss"):
         assert abs(moved[key] - result[key]) <= 1e-6, key
+    # the tables' memory is divided between the ranks (row-wise optimizer state is per shard: a little more)
+    two, one = result["embedding_mb_per_rank"], moved["embedding_mb_per_rank"]
+    assert len(two) == 2 and len(one) == 1
+    assert one[0] <= sum(two) <= 1.15 * one[0] and max(two) < one[0]
+    if sharding == "column_wise":  # every table halved
+        assert all(0.45 * one[0] <= mb <= 0.6 * one[0] for mb in two), (two, one)
 
 
 @pytest.mark.distributed

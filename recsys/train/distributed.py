@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.tensor import DTensor
 from torchrec.distributed.model_parallel import (
     DefaultDataParallelWrapper,
     DistributedModelParallel,
@@ -24,6 +26,7 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
+from recsys.device import compute_device
 from recsys.train.config import ConfigError, OptimConfig
 
 log = logging.getLogger(__name__)
@@ -68,11 +71,10 @@ def init_distributed(timeout_s: float = 300.0, init_timeout_s: float = 60.0) -> 
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if torch.cuda.is_available():
-        device, backend = torch.device("cuda", local_rank), "nccl"
+    device = compute_device(local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    else:
-        device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         if "MASTER_ADDR" in os.environ:
@@ -178,6 +180,16 @@ def fuse_embedding_optimizer(model: nn.Module, cfg: OptimConfig) -> None:
     apply_optimizer_in_backward(opt_cls, params, kwargs)
 
 
+def topology(env: DistEnv) -> Topology:
+    """The planner's view of the machine, with its real memory: TorchRec assumes 128 GB of host memory (and
+    32 GB of HBM) per rank, so a plan too large for the machine would pass and the job be killed later. With
+    the real figures the planner refuses it, naming the tables and the storage they need."""
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // env.local_world_size
+    hbm = torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None
+    return Topology(world_size=env.world_size, local_world_size=env.local_world_size,
+                    compute_device=env.device.type, ddr_cap=host, hbm_cap=hbm)
+
+
 def plan_and_shard(model: nn.Module, env: DistEnv, per_rank_batch: int, sharding_types: list[str] | None,
                    table_sharding: dict[str, str] | None = None,
                    find_unused_parameters: bool = False) -> tuple[DistributedModelParallel, ShardingPlan]:
@@ -211,8 +223,7 @@ def plan_and_shard(model: nn.Module, env: DistEnv, per_rank_batch: int, sharding
 
     constraints = {cfg.name: constraint(cfg.name, cfg.embedding_dim) for cfg in table_configs(model)}
     planner = EmbeddingShardingPlanner(
-        topology=Topology(world_size=env.world_size, local_world_size=env.local_world_size,
-                          compute_device=env.device.type),
+        topology=topology(env),
         batch_size=per_rank_batch,
         constraints=constraints,
     )
@@ -238,6 +249,19 @@ def describe_plan(plan: ShardingPlan) -> str:
             lines.append(f"{module or '-':<28} {table:<18} {ps.sharding_type:<18} {ps.compute_kernel:<14} "
                          f"{ranks}{extra}")
     return "\n".join(lines)
+
+
+def embedding_bytes(dmp: DistributedModelParallel) -> int:
+    """Bytes this rank holds of every embedding table: its shards' weights and their fused optimizer state."""
+    optimizer_state = dmp.fused_optimizer.state_dict()["state"].values()
+    tensors = [*dmp.state_dict().values(), *(t for state in optimizer_state for t in state.values())]
+    total = 0
+    for t in tensors:
+        if isinstance(t, ShardedTensor):
+            total += sum(s.tensor.numel() * s.tensor.element_size() for s in t.local_shards())
+        elif isinstance(t, DTensor):
+            total += t.to_local().numel() * t.element_size()
+    return total
 
 
 def dense_parameters(dmp: nn.Module) -> dict[str, nn.Parameter]:

@@ -48,6 +48,7 @@ from recsys.train.distributed import (
     check_sharding_types,
     dense_parameters,
     describe_plan,
+    embedding_bytes,
     fuse_embedding_optimizer,
     plan_and_shard,
 )
@@ -176,6 +177,7 @@ class Trainer:
         self.model, plan = plan_and_shard(task, env, self.per_rank_batch, cfg.train.sharding_types,
                                           find_unused_parameters=len(task.stages) > 1)
         self.plan_text = describe_plan(plan)
+        self.embedding_mb_per_rank = self._embedding_mb_per_rank()
         if not started:  # a resumed run has these weights in its own checkpoint
             for prefix, (path, source) in task.warm_start().items():
                 n = load_part(path, self.model, target_prefix=prefix, source_prefix=source)
@@ -200,6 +202,15 @@ class Trainer:
                               shuffle=True, seed=self.cfg.train.seed, window_row_groups=d.window_row_groups,
                               extra_columns=self.task.extra_columns, side_files=self.task.side_files("train"),
                               lookup=self.lookup)
+
+    def _embedding_mb_per_rank(self) -> list[float]:
+        """Every rank's share of the embedding tables (weights and optimizer state), in MB."""
+        mine = embedding_bytes(self.model) / 2**20
+        every: list[float] = [0.0] * self.env.world_size
+        torch.distributed.all_gather_object(every, mine)
+        self._log("embedding tables per rank (weights and optimizer state): "
+                  + ", ".join(f"rank {r} {mb:,.1f} MB" for r, mb in enumerate(every)))
+        return every
 
     def stage_epochs(self, stage: Stage) -> int:
         return self.cfg.train.stage_epochs.get(stage.name, self.cfg.train.epochs)
@@ -386,6 +397,7 @@ class Trainer:
             "min_count": cfg.data.min_count,
             "train_samples_per_s": float(np.mean(samples_per_s)) if samples_per_s else None,
             "peak_rss_mb_rank0": peak_mb,
+            "embedding_mb_per_rank": self.embedding_mb_per_rank,
         }
         if env.is_main:
             (self.run_dir / "test_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
