@@ -83,3 +83,21 @@ def interleaved_medians(models: dict[str, Callable[[], object]], rounds: int,
             models[k]()
             times[k].append(time.perf_counter() - start)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def torchx_train(config: str, ranks: int, overrides: list[str], name: str = "r") -> tuple[Path, float]:
+    """Run the real trainer through TorchX (``launch/components.py:train_local``, local_cwd, gloo) on
+    ``ranks`` ranks of this machine; returns the run folder and the job's wall seconds."""
+    import tempfile
+
+    bin_dir = str(Path(python()).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    out = Path(tempfile.mkdtemp(prefix="bench-torchx-"))
+    cmd = [f"{bin_dir}/torchx", "run", "-s", "local_cwd", "launch/components.py:train_local", "--config", config,
+           "-j", f"1x{ranks}", f"train.out_dir={out}", f"name={name}", "train.progress=false", *overrides]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not (out / name / "test_metrics.json").is_file():
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return out / name, time.perf_counter() - start
+

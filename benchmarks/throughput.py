@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, RESULTS, environment, environment_line, python, write_json
+from benchmarks.common import REPO, RESULTS, environment, environment_line, python, torchx_train, write_json
 from benchmarks.plain_deepfm import PlainDeepFM
 from recsys.data.loader import ParquetBatches
 from recsys.data.schema import PreparedSchema
@@ -85,21 +85,13 @@ def two_ranks(config: str, data: Path, steps: int) -> dict:
     """samples/s of the real trainer for 1 and 2 gloo ranks, launched through TorchX (local_cwd), over the
     same steps (the global batch is fixed, so each rank takes half of it)."""
     out = {}
-    bin_dir = str(Path(python()).parent)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     for ranks in (1, 2):
-        tmp = Path(tempfile.mkdtemp(prefix="bench-ranks-"))
-        cmd = [f"{bin_dir}/torchx", "run", "-s", "local_cwd", "launch/components.py:train_local", "--config", config,
-               "-j", f"1x{ranks}", f"data.path={data}", f"train.out_dir={tmp}", "name=r", "train.epochs=1",
-               f"train.max_steps_per_epoch={steps}", "train.progress=false"]
-        t = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not (tmp / "r" / "test_metrics.json").is_file():
-            raise RuntimeError((proc.stdout + proc.stderr)[-3000:])
-        metrics = json.loads((tmp / "r" / "metrics.json").read_text())["history"][0]
-        result = json.loads((tmp / "r" / "test_metrics.json").read_text())
+        run, wall = torchx_train(config, ranks, [f"data.path={data}", "train.epochs=1",
+                                                 f"train.max_steps_per_epoch={steps}"])
+        metrics = json.loads((run / "metrics.json").read_text())["history"][0]
+        result = json.loads((run / "test_metrics.json").read_text())
         out[f"{ranks}_rank"] = {"train_samples_per_s": metrics["train_samples_per_s"],
-                                "peak_rss_mb_rank0": result["peak_rss_mb_rank0"], "wall_s": time.perf_counter() - t}
+                                "peak_rss_mb_rank0": result["peak_rss_mb_rank0"], "wall_s": wall}
     out["speedup_2_over_1"] = out["2_rank"]["train_samples_per_s"] / out["1_rank"]["train_samples_per_s"]
     return out
 

@@ -22,7 +22,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from recsys.data.loader import ParquetBatches
 from recsys.data.schema import FIRST_ID, ITEM_TRAIN_ROWS, USER_TRAIN_ROWS, FieldKind, PreparedSchema
 from recsys.data.synthetic import SyntheticSpec, generate, main, zipf_ids
-from recsys.train.distributed import init_distributed, plan_and_shard
+from recsys.train.distributed import init_distributed, plan_and_shard, plan_tables
 
 SPEC = SyntheticSpec(rows=6_000, features=5, dense=3, multi=1, max_values=4, min_vocab=20, max_vocab=3_000,
                      chunk_rows=1_000, seed=7)
@@ -133,6 +133,6 @@ def test_planner_knows_this_machines_memory():
     env = init_distributed()
     physical = __import__("os").sysconf("SC_PAGE_SIZE") * __import__("os").sysconf("SC_PHYS_PAGES")
     with pytest.raises(PlannerError, match="(?i)storage|memory"):
-        plan_and_shard(_meta_ebc(2 * physical // 64), env, per_rank_batch=64, sharding_types=["table_wise"])
+        plan_tables(_meta_ebc(2 * physical // 64), env, per_rank_batch=64, sharding_types=["table_wise"])
     _, plan = plan_and_shard(_meta_ebc(1_000), env, per_rank_batch=64, sharding_types=["table_wise"])
     assert plan.plan[""]["t_big"].sharding_type == "table_wise"

@@ -20,6 +20,7 @@ from torchrec.distributed.model_parallel import (
     get_default_sharders,
 )
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -180,25 +181,29 @@ def fuse_embedding_optimizer(model: nn.Module, cfg: OptimConfig) -> None:
     apply_optimizer_in_backward(opt_cls, params, kwargs)
 
 
+HOST_RESERVE = 0.15
+
+
 def topology(env: DistEnv) -> Topology:
     """The planner's view of the machine, with its real memory: TorchRec assumes 128 GB of host memory (and
     32 GB of HBM) per rank, so a plan too large for the machine would pass and the job be killed later. With
-    the real figures the planner refuses it, naming the tables and the storage they need."""
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // env.local_world_size
+    the real figures the planner refuses it, naming the tables and the storage they need. TorchRec keeps a
+    15% margin of HBM for what it does not count (allocator, activations); host memory gets the same margin
+    here (the loader, checkpoint writes, the process itself), which its planner does not give it."""
+    host = int((1 - HOST_RESERVE) * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) // env.local_world_size
     hbm = torch.cuda.get_device_properties(env.device).total_memory if env.device.type == "cuda" else None
-    return Topology(world_size=env.world_size, local_world_size=env.local_world_size,
-                    compute_device=env.device.type, ddr_cap=host, hbm_cap=hbm)
+    return TopologyFactory.create_topology(
+        TrainerConfig(world_size=env.world_size, local_world_size=env.local_world_size, ddr_cap_bytes=host,
+                      hbm_cap_bytes=hbm), kernel_config=KernelConfig(compute_device=env.device.type))
 
 
-def plan_and_shard(model: nn.Module, env: DistEnv, per_rank_batch: int, sharding_types: list[str] | None,
-                   table_sharding: dict[str, str] | None = None,
-                   find_unused_parameters: bool = False) -> tuple[DistributedModelParallel, ShardingPlan]:
-    """Plan and shard every embedding table of ``model``.
+def plan_tables(model: nn.Module, env: DistEnv, per_rank_batch: int, sharding_types: list[str] | None,
+                table_sharding: dict[str, str] | None = None) -> ShardingPlan:
+    """The planner's plan for every embedding table of ``model`` (agreed by every rank; nothing allocated).
 
     ``sharding_types`` limits what the planner may choose for every table (None: any this device allows);
-    ``table_sharding`` fixes the type of single tables by name (``{"t_user_id": "column_wise"}``).
-    ``find_unused_parameters``: the dense part's DDP may see steps that use only some parameters (a task with
-    several stages); by default DDP assumes one static graph.
+    ``table_sharding`` fixes the type of single tables by name (``{"t_user_id": "column_wise"}``). A plan
+    larger than the machine's memory raises ``PlannerError``.
     """
     default = list(sharding_types or (CPU_SHARDING_TYPES if env.device.type == "cpu" else GPU_SHARDING_TYPES))
     check_sharding_types(list((table_sharding or {}).values()), env.device)
@@ -222,16 +227,22 @@ def plan_and_shard(model: nn.Module, env: DistEnv, per_rank_batch: int, sharding
                                     min_partition=max(4, dim // env.world_size) if split else None)
 
     constraints = {cfg.name: constraint(cfg.name, cfg.embedding_dim) for cfg in table_configs(model)}
-    planner = EmbeddingShardingPlanner(
-        topology=topology(env),
-        batch_size=per_rank_batch,
-        constraints=constraints,
-    )
-    sharders = get_default_sharders()
-    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    planner = EmbeddingShardingPlanner(topology=topology(env), batch_size=per_rank_batch, constraints=constraints)
+    return planner.collective_plan(model, get_default_sharders(), dist.GroupMember.WORLD)
+
+
+def plan_and_shard(model: nn.Module, env: DistEnv, per_rank_batch: int, sharding_types: list[str] | None,
+                   table_sharding: dict[str, str] | None = None,
+                   find_unused_parameters: bool = False) -> tuple[DistributedModelParallel, ShardingPlan]:
+    """Plan (:func:`plan_tables`) and shard every embedding table of ``model``.
+
+    ``find_unused_parameters``: the dense part's DDP may see steps that use only some parameters (a task with
+    several stages); by default DDP assumes one static graph.
+    """
+    plan = plan_tables(model, env, per_rank_batch, sharding_types, table_sharding)
     wrapper = (DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True)
                if find_unused_parameters else None)
-    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=sharders,
+    dmp = DistributedModelParallel(module=model, device=env.device, plan=plan, sharders=get_default_sharders(),
                                    data_parallel_wrapper=wrapper)
     return dmp, plan
 
