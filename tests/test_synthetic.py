@@ -136,3 +136,12 @@ def test_planner_knows_this_machines_memory():
         plan_tables(_meta_ebc(2 * physical // 64), env, per_rank_batch=64, sharding_types=["table_wise"])
     _, plan = plan_and_shard(_meta_ebc(1_000), env, per_rank_batch=64, sharding_types=["table_wise"])
     assert plan.plan[""]["t_big"].sharding_type == "table_wise"
+
+
+def test_help_names_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--rows", "--features", "--multi", "--table-size", "--zipf", "--seed", "--out"):
+        assert option in text
