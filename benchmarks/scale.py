@@ -218,9 +218,17 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def measured_by(result: dict, *parts: str) -> list[str]:
+    runs = {(m["command"], m["commit"], m["date"]) for part in parts
+            if (m := result.get("measured_by", {}).get(part))}
+    return [f"Measured by `{c}` at commit {commit}, {date}." for c, commit, date in sorted(runs, key=lambda r: r[2])] + [""]
+
+
 def report(result: dict) -> str:
     lines = ["# Industrial scale: large sharded tables on synthetic click logs", "",
-             f"Command: `{result['command']}`. Model: `{CONFIG}` (DeepFM, 16-d unless varied, MLP 400-400, "
+             "Command: `python -m benchmarks.scale` (every part; `--parts` reruns some and keeps the others' figures, "
+             "so each section names the run that measured it). "
+             f"Model: `{CONFIG}` (DeepFM, 16-d unless varied, MLP 400-400, "
              "row-wise Adagrad fused into FBGEMM's backward, Adam on the dense part, batch 4096 unless varied). "
              "Data: `python -m recsys.data.synthetic` (seed 0), Zipf(1.05) ids, labels from a hidden model.", ""]
     if "ranks" in result:
@@ -231,7 +239,7 @@ def report(result: dict) -> str:
                   f"to 10^3 ({embedding_rows('headline'):,} embedding rows), 3 multi-valued, 13 dense. Each "
                   f"run trains {rk['steps']} steps of 4096 rows, then evaluates the full valid and test splits "
                   f"(1M rows each). The hidden model's own probabilities reach test AUC "
-                  f"{rk['oracle_test_auc']:.4f}.", "",
+                  f"{rk['oracle_test_auc']:.4f}.", "", *measured_by(result, "ranks"),
                   "| run | samples/s | embedding MB per rank (weights + optimizer state) | share of 1 rank | "
                   "peak RSS rank 0 (MB) | test AUC | wall (s) |", "|---|---|---|---|---|---|---|"]
         for label, r in rk["runs"].items():
@@ -249,7 +257,7 @@ def report(result: dict) -> str:
         lines += ["## Cost as the work grows (1 rank)", "",
                   f"One process per point: build, 3 warm-up steps, then one timed pass of about {SWEEP_ROWS:,} "
                   "training rows through `Trainer.train_epoch` (loading and KJT construction included). "
-                  "![scale](scale.png)", ""]
+                  "![scale](scale.png)", "", *measured_by(result, *result["sweeps"])]
         for sw in result["sweeps"].values():
             lines += [f"### {sw['varies']}", "", f"| {sw['varies']} | dataset | embedding rows | samples/s | "
                       "µs per sample | embedding MB | peak RSS (MB) | build (s) |", "|---|---|---|---|---|---|---|---|"]
@@ -262,7 +270,7 @@ def report(result: dict) -> str:
         c = result["capacity"]
         trained = max((p for sw in result.get("sweeps", {}).values() for p in sw["points"]),
                       key=lambda p: p["embedding_mb"], default=None)
-        lines += ["## The largest table on one rank", "",
+        lines += ["## The largest table on one rank", "", *measured_by(result, "capacity"),
                   f"The planner, given this machine's {c['machine_memory_gb']:.1f} GB less a {c['host_reserve']:.0%} "
                   f"reserve, places one 16-d table with {c['optimizer']} of at most "
                   f"**{c['largest_rows_planned']:,} rows** ({c['weights_gb']:.1f} GB of weights, plus the optimizer "
@@ -288,7 +296,7 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default all)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)} (default all); a rerun keeps the other parts' figures")
     p.add_argument("--rank-steps", type=int, default=60, help="training steps of each TorchX run (default %(default)s)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -301,8 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown part(s) {unknown}: choose from {', '.join(PARTS)}")
     path = RESULTS / "scale.json"
     result = json.loads(path.read_text()) if path.is_file() else {}
-    result.update({"command": "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:]),
-                   "environment": environment()})
+    command = "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:])
+    env = environment()
+    result.update({"command": command, "environment": env})
+    # A partial rerun keeps the other parts' figures, so each part records the run that measured it.
+    for part in parts:
+        result.setdefault("measured_by", {})[part] = {"command": command, "commit": env["commit"], "date": env["date"]}
     start = time.perf_counter()
     if "ranks" in parts:
         result["ranks"] = ranks(args.rank_steps)
