@@ -9,6 +9,10 @@ table) and the held-out field accuracy of the fine-tuning that made the fine-tun
         --table random=runs/features/ml-1m_cold-item-random/field \
         --report runs/models/ml-1m_cold-item-fields/report.json
 
+Several fine-tunings (one per language model) go in one record: ``--report NAME=PATH`` names the table each
+report made, for example ``--report minilm=runs/models/ml-100k-fields/report.json --report
+smollm2=runs/models/ml-100k-smollm2-fields/report.json``.
+
 FIE turns exactly these similarities into pair weights (``w = A s + b``): a table whose pairs all look alike
 gives FIE nothing to work with beyond its adaptor. Per table the record gives the mean and the spread of
 the off-diagonal similarities. Results: benchmarks/results/field_similarity_<data>.{md,json,png}.
@@ -59,7 +63,9 @@ def main() -> int:
     p.add_argument("--dataset", required=True, help="the prepared dataset the tables were made for")
     p.add_argument("--table", action="append", required=True, metavar="NAME=PATH",
                    help="a field table and the name it goes by in the record; repeat")
-    p.add_argument("--report", help="field_finetune's report.json: held-out accuracy before and after")
+    p.add_argument("--report", action="append", default=[], metavar="[NAME=]PATH",
+                   help="field_finetune's report.json (held-out accuracy before and after), under the name of the "
+                        "table it made (default fine-tuned); repeat for several models")
     args = p.parse_args()
     schema = PreparedSchema.load(args.dataset)
     fields = [f.name for f in schema.fields]
@@ -76,12 +82,18 @@ def main() -> int:
         summary["tables"][name] = {"path": path, "model": table.metadata.model_name, "mean": float(off.mean()),
                                    "std": float(off.std()), "min": float(off.min()), "max": float(off.max()),
                                    "matrix": np.round(m, 4).tolist()}
-    if args.report:
-        report = json.loads(Path(args.report).read_text())
-        summary["fine_tuning"] = {k: report[k] for k in ("accuracy_before", "accuracy_after", "chance",
-                                                         "train_pairs", "heldout_pairs", "steps", "train_seconds",
-                                                         "stopped_by_time_budget") if k in report}
-        summary["fine_tuning"]["report"] = args.report
+    for spec in args.report:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else ("fine-tuned", spec)
+        if name not in summary["tables"]:
+            p.error(f"--report {spec!r}: no --table is named {name!r} (the report belongs to the table it made)")
+        report = json.loads(Path(path).read_text())
+        summary.setdefault("fine_tuning", {})[name] = {
+            **{k: report[k] for k in ("accuracy_before", "accuracy_after", "chance", "train_pairs", "heldout_pairs",
+                                      "steps", "train_seconds", "stopped_by_time_budget", "prompt", "pooling")
+               if k in report},
+            "model": "/".join(Path(str(report.get("model"))).parts[-2:]), "batch_size": report.get("options", {}).get("batch_size"),
+            "time_budget_s": report.get("options", {}).get("time_budget_s"), "report": path}
     summary["environment"] = environment()
     data = Path(args.dataset).name
     out = RESULTS / f"field_similarity_{data}"
@@ -91,17 +103,20 @@ def main() -> int:
              "Cosine similarity of every pair of the dataset's fields, per table (heatmaps: "
              f"`{out.name}.png`). Command: `python -m benchmarks.field_similarity " +
              " ".join(f"--table {t}" for t in args.table) + f" --dataset {args.dataset}" +
-             (f" --report {args.report}`" if args.report else "`"), "",
+             "".join(f" --report {r}" for r in args.report) + "`", "",
              "| table | model | mean | std | min | max |", "|---|---|---|---|---|---|"]
     for name, s in summary["tables"].items():
         lines.append(f"| {name} | {s['model']} | {s['mean']:.3f} | {s['std']:.3f} | {s['min']:.3f} | {s['max']:.3f} |")
     if "fine_tuning" in summary:
-        f = summary["fine_tuning"]
-        lines += ["", f"Held-out field accuracy of the fine-tuning (which field a value belongs to, "
-                      f"{f.get('heldout_pairs')} held-out pairs; chance {f.get('chance', 0):.3f}): "
-                      f"{f['accuracy_before']:.3f} before, {f['accuracy_after']:.3f} after ({f.get('steps')} steps, "
-                      f"{f.get('train_seconds', 0):.0f} s; stopped by the time budget: "
-                      f"{f.get('stopped_by_time_budget')})."]
+        lines += ["", "Held-out field accuracy of the fine-tuning (which of the fields a value belongs to, on values "
+                      "held out of its training pairs):", "",
+                  "| table | base model | query (pooling) | held-out pairs | chance | before | after | steps "
+                  "(batch) | train s | stopped by the time budget |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, f in summary["fine_tuning"].items():
+            lines.append(f"| {name} | {f['model']} | {f.get('prompt')} ({f.get('pooling')}) | {f.get('heldout_pairs')} "
+                         f"| {f.get('chance', 0):.3f} | {f['accuracy_before']:.3f} | **{f['accuracy_after']:.3f}** | "
+                         f"{f.get('steps')} ({f.get('batch_size')}) | {f.get('train_seconds', 0):.0f} | "
+                         f"{f.get('stopped_by_time_budget')} |")
     (out.with_name(out.name + ".md")).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -79,6 +79,55 @@ print(f\"method.llactr.lambda_loss={c['lambda_loss']} method.llactr.lambda_llm={
     --backbones deepfm dcnv2 --out "compare_${data}_llactr_${suffix}_vs_random"
 }
 
+# LLaCTR on the packaged decoder LLM's field table (issue 17), ML-100K, at the defaults of the MiniLM record
+# (llactr): against the base, against MiniLM's table and against a random table of the decoder's width. On 2
+# cores a SmolLM2 step of 64 questions takes ~80 s, so the fine-tuning takes batches of 16 and a 900 s budget.
+llactr_llm() {
+  local llm=$1 data=ml-100k
+  local fields=runs/models/$data-$llm-fields features=runs/features/$data-$llm
+  [ -f "runs/data/$data/schema.json" ] || $PY -m recsys.prepare --dataset ml-100k --out "runs/data/$data" --no-progress
+  [ -f "runs/models/$llm/materialized.json" ] || $PY -m embedding_jobs.materialize --model "$llm" --out "runs/models/$llm"
+  [ -f "$fields/report.json" ] || $PY -m embedding_jobs.field_finetune --dataset "runs/data/$data" \
+    --model "runs/models/$llm" --out "$fields" --batch-size 16 --time-budget-s 900 --no-progress
+  [ -f "$features/field/table.parquet" ] || $PY -m embedding_jobs.run --entity field --dataset "runs/data/$data" \
+    --model "$fields" --out "$features" --no-progress
+  [ -f "$features-untuned/field/table.parquet" ] || $PY -m embedding_jobs.run --entity field \
+    --dataset "runs/data/$data" --model "runs/models/$llm" --out "$features-untuned" --no-progress
+  [ -f "$features-random/field/table.parquet" ] || $PY -m benchmarks.random_field_table \
+    --like "$features/field" --out "$features-random"
+  llactr_tables ml-100k "$data"  # MiniLM's tables, for the field-similarity record
+  [ -f "runs/features/$data-untuned/field/table.parquet" ] || $PY -m embedding_jobs.run --entity field \
+    --dataset "runs/data/$data" --out "runs/features/$data-untuned" --no-progress
+  for table in "" _random; do
+    $PY -m benchmarks.quality --dataset ml-100k --backbones deepfm dcnv2 --variant "llactr_$llm$table" \
+      method.name=llactr "method.llactr.field_table=$features${table/_/-}/field"
+  done
+  $PY -m benchmarks.compare --data "$data" --variants "llactr_$llm" "llactr_${llm}_random" llactr \
+    --backbones deepfm dcnv2 --out "compare_${data}_llactr_$llm"
+  $PY -m benchmarks.compare --data "$data" --variants "llactr_$llm" --reference "llactr_${llm}_random" \
+    --backbones deepfm dcnv2 --out "compare_${data}_llactr_${llm}_vs_random"
+  $PY -m benchmarks.compare --data "$data" --variants "llactr_$llm" --reference llactr \
+    --backbones deepfm dcnv2 --out "compare_${data}_llactr_${llm}_vs_minilm"
+  # the same with every table's field vectors centred (method.llactr.center_fields): does the decoder's
+  # anisotropy (all its field pairs look alike) explain the gap to MiniLM and to the random table?
+  local centred=("llactr_${llm}_centered" "$features" "llactr_${llm}_random_centered" "$features-random"
+                 llactr_centered "runs/features/$data" llactr_random_centered "runs/features/$data-random")
+  for ((i = 0; i < ${#centred[@]}; i += 2)); do
+    $PY -m benchmarks.quality --dataset ml-100k --backbones deepfm dcnv2 --variant "${centred[i]}" \
+      method.name=llactr "method.llactr.field_table=${centred[i + 1]}/field" method.llactr.center_fields=true
+  done
+  $PY -m benchmarks.compare --data "$data" --variants "llactr_${llm}_centered" "llactr_${llm}_random_centered" \
+    llactr_centered --backbones deepfm dcnv2 --out "compare_${data}_llactr_${llm}_centered"
+  $PY -m benchmarks.compare --data "$data" --variants "llactr_${llm}_centered" \
+    --reference "llactr_${llm}_random_centered" --backbones deepfm dcnv2 --out "compare_${data}_llactr_${llm}_centered_vs_random"
+  $PY -m benchmarks.compare --data "$data" --variants llactr_centered --reference llactr_random_centered \
+    --backbones deepfm dcnv2 --out "compare_${data}_llactr_centered_vs_random"
+  $PY -m benchmarks.field_similarity --dataset "runs/data/$data" --table "minilm=runs/features/$data/field" \
+    --table "minilm-untuned=runs/features/$data-untuned/field" --table "$llm=$features/field" \
+    --table "$llm-untuned=$features-untuned/field" --table "random=runs/features/$data-random/field" \
+    --report "minilm=runs/models/$data-fields/report.json" --report "$llm=$fields/report.json"
+}
+
 # ELEC (gain network, students, the no-language-model control student), and the profile-text ablation
 elec() {
   local dataset=$1 data=$2 flags=("${@:3}")
@@ -131,10 +180,12 @@ case $what in
   llactr_tuned) llactr_tuned ml-1m ml-1m_cold-item full --split cold_item
                 llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item ;;
   llactr) llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item ;;
+  llactr_smollm2) llactr_llm smollm2 ;;
   elec) elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
   all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
        llactr_tuned ml-1m ml-1m_cold-item full --split cold_item
        llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item
-       elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
-  *) echo "usage: $0 [all|base|llactr|llactr_tuned|elec|srp4ctr]" >&2; exit 2 ;;
+       elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item
+       llactr_llm smollm2 ;;
+  *) echo "usage: $0 [all|base|llactr|llactr_tuned|llactr_smollm2|elec|srp4ctr]" >&2; exit 2 ;;
 esac

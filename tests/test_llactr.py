@@ -121,6 +121,29 @@ def test_llactr_trains_on_any_backbone_with_one_config_change(ml100k_with_field_
     assert any("interaction.adaptor" in n for n in names) and any("projection" in n for n in names)
 
 
+def test_centering_removes_a_direction_every_field_vector_shares(ml100k_with_field_table, tmp_path):
+    """method.llactr.center_fields: a table whose vectors all carry one large common component (a decoder's
+    anisotropy) has near-constant similarities; centred, it gives the same similarities as the table without
+    that component, centred."""
+    from recsys.experiment import build_task
+
+    data, table = ml100k_with_field_table
+    schema = PreparedSchema.load(data)
+    vectors = np.random.default_rng(0).standard_normal((len(schema.fields), 8))
+    shifted = write_synthetic_table(tmp_path / "shifted.parquet", schema, FeatureEntity.FIELD, vectors + 50.0,
+                                    model_name="test-fields")
+
+    def similarity(path: Path, center: bool) -> torch.Tensor:
+        task = build_task(schema, _cfg(data, tmp_path, "method.name=llactr", f"method.llactr.field_table={path}",
+                                       f"method.llactr.center_fields={str(center).lower()}"))
+        return task.interaction.similarity
+
+    assert similarity(shifted, False).min() > 0.99  # raw: every pair looks alike
+    centred = similarity(shifted, True)
+    assert torch.allclose(centred, similarity(table, True), atol=1e-4)
+    assert centred.std() > 0.2 and not torch.allclose(centred, similarity(table, False), atol=1e-2)
+
+
 def test_field_table_of_another_dataset_is_refused(ml100k_with_field_table, tmp_path):
     from recsys.experiment import build_task
     from recsys.features.table import FeatureTableError
@@ -163,6 +186,23 @@ def test_field_similarity_record_reads_the_tables_in_schema_order(ml100k_with_fi
     unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     assert np.allclose(m, unit @ unit.T, atol=1e-3) and np.allclose(np.diag(m), 1, atol=1e-3)
     assert (tmp_path / "field_similarity_ml-100k.png").stat().st_size > 0
+    # one fine-tuning report per table, each under its table's name, in the record and its markdown
+    reports = {}
+    for name, after in (("a", 0.9), ("b", 0.4)):
+        reports[name] = tmp_path / f"{name}.json"
+        reports[name].write_text(json.dumps({"accuracy_before": 0.2, "accuracy_after": after, "chance": 0.1,
+                                             "steps": 3, "model": f"model-{name}", "options": {"batch_size": "16"}}))
+    monkeypatch.setattr(sys, "argv", ["field_similarity", "--dataset", str(data), "--table", f"a={table}",
+                                      "--table", f"b={table}", "--report", f"a={reports['a']}",
+                                      "--report", f"b={reports['b']}"])
+    assert field_similarity.main() == 0
+    record = json.loads((tmp_path / "field_similarity_ml-100k.json").read_text())
+    assert {k: v["accuracy_after"] for k, v in record["fine_tuning"].items()} == {"a": 0.9, "b": 0.4}
+    assert "| b | model-b |" in (tmp_path / "field_similarity_ml-100k.md").read_text()
+    monkeypatch.setattr(sys, "argv", ["field_similarity", "--dataset", str(data), "--table", f"a={table}",
+                                      "--report", f"c={reports['a']}"])
+    with pytest.raises(SystemExit):
+        field_similarity.main()
     schema = PreparedSchema.load(data)
     other = write_synthetic_table(tmp_path / "other.parquet", PreparedSchema(**{**schema.__dict__, "fingerprint": "x"}),
                                   FeatureEntity.FIELD, vectors, model_name="other")

@@ -58,6 +58,9 @@ class LLaCTRConfig:
     lambda_llm: float = 1.0  # weight of the FIE term in the logit
     fre_reduction: Reduction = Reduction.FIELD_MEAN  # how a row's K field KLs combine (sum: the reference's)
     adaptor: Adaptor = Adaptor.FULL  # full: w = A s + b; scalar: w = alpha s + beta
+    # Subtract the mean of the K field vectors before use: a decoder's last-token states share one dominant
+    # direction (SmolLM2's field pairs all have cosine 0.82-0.98), so their raw similarities are nearly constant.
+    center_fields: bool = False
 
     def __post_init__(self) -> None:  # built in code with plain strings: the same enums, or a clear error
         self.fre_reduction, self.adaptor = Reduction(self.fre_reduction), Adaptor(self.adaptor)
@@ -199,7 +202,10 @@ def _build(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.device |
     # the table is keyed by schema position; the sparse arch orders sparse fields before dense ones
     position = {f.name: i for i, f in enumerate(schema.fields)}
     order = [position[name] for name in backbone.sparse_arch.field_names]
-    return LLaCTRTask(backbone, table.embeddings[order], cfg.method.llactr)
+    field_emb = table.embeddings[order]
+    if cfg.method.llactr.center_fields:
+        field_emb = field_emb - field_emb.mean(dim=0, keepdim=True)
+    return LLaCTRTask(backbone, field_emb, cfg.method.llactr)
 
 
 def _check(cfg: ExperimentConfig, schema: PreparedSchema | None) -> None:
