@@ -128,6 +128,22 @@ llactr_llm() {
     --report "minilm=runs/models/$data-fields/report.json" --report "$llm=$fields/report.json"
 }
 
+# LLaCTR (default weights) with the field vectors centred, MiniLM's table against the random one: $1 dataset,
+# $2 prepared name, then the split flags
+llactr_centered() {
+  local dataset=$1 data=$2 flags=("${@:3}")
+  llactr_tables "$@"
+  for table in "" _random; do
+    $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 \
+      --variant "llactr${table}_centered" method.name=llactr \
+      "method.llactr.field_table=runs/features/$data${table/_/-}/field" method.llactr.center_fields=true
+  done
+  $PY -m benchmarks.compare --data "$data" --variants llactr_centered llactr_random_centered llactr llactr_random \
+    --backbones deepfm dcnv2 --out "compare_${data}_llactr_centered"
+  $PY -m benchmarks.compare --data "$data" --variants llactr_centered --reference llactr_random_centered \
+    --backbones deepfm dcnv2 --out "compare_${data}_llactr_centered_vs_random"
+}
+
 # ELEC (gain network, students, the no-language-model control student), and the profile-text ablation
 elec() {
   local dataset=$1 data=$2 flags=("${@:3}")
@@ -181,11 +197,12 @@ case $what in
                 llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item ;;
   llactr) llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item ;;
   llactr_smollm2) llactr_llm smollm2 ;;
+  llactr_centered) llactr_centered ml-1m ml-1m_cold-item --split cold_item ;;
   elec) elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
   all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
        llactr_tuned ml-1m ml-1m_cold-item full --split cold_item
        llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item
        elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item
-       llactr_llm smollm2 ;;
-  *) echo "usage: $0 [all|base|llactr|llactr_tuned|llactr_smollm2|elec|srp4ctr]" >&2; exit 2 ;;
+       llactr_llm smollm2; llactr_centered ml-1m ml-1m_cold-item --split cold_item ;;
+  *) echo "usage: $0 [all|base|llactr|llactr_tuned|llactr_smollm2|llactr_centered|elec|srp4ctr]" >&2; exit 2 ;;
 esac
