@@ -4,10 +4,12 @@
 #
 #   bash benchmarks/regime_records.sh            # all of it (several hours on 2 cores)
 #   bash benchmarks/regime_records.sh base       # only the base models' records
+#   bash benchmarks/regime_records.sh llactr_smollm2 ml-1m   # only that record's ML-1M part
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 what=${1:-all}
+only=${2:-}  # a dataset (ml-100k, ml-1m): run only its part of a record that covers both
 
 base() {
   $PY -m benchmarks.quality --dataset ml-100k
@@ -79,13 +81,14 @@ print(f\"method.llactr.lambda_loss={c['lambda_loss']} method.llactr.lambda_llm={
     --backbones deepfm dcnv2 --out "compare_${data}_llactr_${suffix}_vs_random"
 }
 
-# LLaCTR on the packaged decoder LLM's field table (issue 17), ML-100K, at the defaults of the MiniLM record
-# (llactr): against the base, against MiniLM's table and against a random table of the decoder's width. On 2
-# cores a SmolLM2 step of 64 questions takes ~80 s, so the fine-tuning takes batches of 16 and a 900 s budget.
+# LLaCTR on the packaged decoder LLM's field table (issue 17) at the defaults of the MiniLM record (llactr):
+# against the base, against MiniLM's table and against a random table of the decoder's width; $1 the model,
+# $2 dataset, $3 prepared name, then the split flags. On 2 cores a SmolLM2 step of 64 questions takes ~80 s,
+# so the fine-tuning takes batches of 16 and a 900 s budget.
 llactr_llm() {
-  local llm=$1 data=ml-100k
+  local llm=$1 dataset=$2 data=$3 flags=("${@:4}")
   local fields=runs/models/$data-$llm-fields features=runs/features/$data-$llm
-  [ -f "runs/data/$data/schema.json" ] || $PY -m recsys.prepare --dataset ml-100k --out "runs/data/$data" --no-progress
+  llactr_tables "$dataset" "$data" "${flags[@]}"  # the data, and MiniLM's tables to compare with
   [ -f "runs/models/$llm/materialized.json" ] || $PY -m embedding_jobs.materialize --model "$llm" --out "runs/models/$llm"
   [ -f "$fields/report.json" ] || $PY -m embedding_jobs.field_finetune --dataset "runs/data/$data" \
     --model "runs/models/$llm" --out "$fields" --batch-size 16 --time-budget-s 900 --no-progress
@@ -95,12 +98,11 @@ llactr_llm() {
     --dataset "runs/data/$data" --model "runs/models/$llm" --out "$features-untuned" --no-progress
   [ -f "$features-random/field/table.parquet" ] || $PY -m benchmarks.random_field_table \
     --like "$features/field" --out "$features-random"
-  llactr_tables ml-100k "$data"  # MiniLM's tables, for the field-similarity record
   [ -f "runs/features/$data-untuned/field/table.parquet" ] || $PY -m embedding_jobs.run --entity field \
     --dataset "runs/data/$data" --out "runs/features/$data-untuned" --no-progress
   for table in "" _random; do
-    $PY -m benchmarks.quality --dataset ml-100k --backbones deepfm dcnv2 --variant "llactr_$llm$table" \
-      method.name=llactr "method.llactr.field_table=$features${table/_/-}/field"
+    $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 \
+      --variant "llactr_$llm$table" method.name=llactr "method.llactr.field_table=$features${table/_/-}/field"
   done
   $PY -m benchmarks.compare --data "$data" --variants "llactr_$llm" "llactr_${llm}_random" llactr \
     --backbones deepfm dcnv2 --out "compare_${data}_llactr_$llm"
@@ -108,20 +110,17 @@ llactr_llm() {
     --backbones deepfm dcnv2 --out "compare_${data}_llactr_${llm}_vs_random"
   $PY -m benchmarks.compare --data "$data" --variants "llactr_$llm" --reference llactr \
     --backbones deepfm dcnv2 --out "compare_${data}_llactr_${llm}_vs_minilm"
-  # the same with every table's field vectors centred (method.llactr.center_fields): does the decoder's
-  # anisotropy (all its field pairs look alike) explain the gap to MiniLM and to the random table?
-  local centred=("llactr_${llm}_centered" "$features" "llactr_${llm}_random_centered" "$features-random"
-                 llactr_centered "runs/features/$data" llactr_random_centered "runs/features/$data-random")
-  for ((i = 0; i < ${#centred[@]}; i += 2)); do
-    $PY -m benchmarks.quality --dataset ml-100k --backbones deepfm dcnv2 --variant "${centred[i]}" \
-      method.name=llactr "method.llactr.field_table=${centred[i + 1]}/field" method.llactr.center_fields=true
+  # the same with the field vectors centred (method.llactr.center_fields): does the decoder's anisotropy (all
+  # its field pairs look alike) explain the gap to MiniLM and to the random table? (MiniLM's: llactr_centered)
+  for table in "" _random; do
+    $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 \
+      --variant "llactr_$llm${table}_centered" method.name=llactr \
+      "method.llactr.field_table=$features${table/_/-}/field" method.llactr.center_fields=true
   done
   $PY -m benchmarks.compare --data "$data" --variants "llactr_${llm}_centered" "llactr_${llm}_random_centered" \
     llactr_centered --backbones deepfm dcnv2 --out "compare_${data}_llactr_${llm}_centered"
   $PY -m benchmarks.compare --data "$data" --variants "llactr_${llm}_centered" \
     --reference "llactr_${llm}_random_centered" --backbones deepfm dcnv2 --out "compare_${data}_llactr_${llm}_centered_vs_random"
-  $PY -m benchmarks.compare --data "$data" --variants llactr_centered --reference llactr_random_centered \
-    --backbones deepfm dcnv2 --out "compare_${data}_llactr_centered_vs_random"
   $PY -m benchmarks.field_similarity --dataset "runs/data/$data" --table "minilm=runs/features/$data/field" \
     --table "minilm-untuned=runs/features/$data-untuned/field" --table "$llm=$features/field" \
     --table "$llm-untuned=$features-untuned/field" --table "random=runs/features/$data-random/field" \
@@ -190,19 +189,26 @@ srp4ctr() {
     --reference srp_both --out compare_ml-100k_srp_concat_vs_sum
 }
 
+# $1 a dataset, then a command: run it unless another dataset was asked for
+on() { [ -z "$only" ] || [ "$only" = "$1" ] || return 0; "${@:2}"; }
+
 case $what in
   base) base ;;
   srp4ctr) srp4ctr ;;
   llactr_tuned) llactr_tuned ml-1m ml-1m_cold-item full --split cold_item
                 llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item ;;
   llactr) llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item ;;
-  llactr_smollm2) llactr_llm smollm2 ;;
-  llactr_centered) llactr_centered ml-1m ml-1m_cold-item --split cold_item ;;
+  llactr_centered) on ml-100k llactr_centered ml-100k ml-100k
+                   on ml-1m llactr_centered ml-1m ml-1m_cold-item --split cold_item ;;
+  llactr_smollm2) on ml-100k llactr_llm smollm2 ml-100k ml-100k
+                  on ml-1m llactr_llm smollm2 ml-1m ml-1m_cold-item --split cold_item ;;
   elec) elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
   all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
        llactr_tuned ml-1m ml-1m_cold-item full --split cold_item
        llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item
        elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item
-       llactr_llm smollm2; llactr_centered ml-1m ml-1m_cold-item --split cold_item ;;
-  *) echo "usage: $0 [all|base|llactr|llactr_tuned|llactr_smollm2|llactr_centered|elec|srp4ctr]" >&2; exit 2 ;;
+       llactr_centered ml-100k ml-100k; llactr_centered ml-1m ml-1m_cold-item --split cold_item
+       llactr_llm smollm2 ml-100k ml-100k; llactr_llm smollm2 ml-1m ml-1m_cold-item --split cold_item ;;
+  *) echo "usage: $0 [all|base|llactr|llactr_tuned|llactr_smollm2|llactr_centered|elec|srp4ctr] [ml-100k|ml-1m]" >&2
+     exit 2 ;;
 esac
