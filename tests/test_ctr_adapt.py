@@ -325,6 +325,26 @@ def test_full_is_an_alias_of_tune_full(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert seen[1].encoder_lr == 1e-4 and seen[2].encoder_lr is None
 
 
+def test_the_benchmarks_adaptation_settings_are_the_options_they_name(monkeypatch: pytest.MonkeyPatch,
+                                                                    tmp_path: Path) -> None:
+    """benchmarks.adapt_options passes its settings to this CLI after 10 minutes of other work: a renamed or
+    misspelt flag must fail here, not there."""
+    from benchmarks.adapt_options import SETTINGS
+
+    seen: dict[str, AdaptOptions] = {}
+
+    def fake_adapt(opts: AdaptOptions, progress: bool) -> dict:
+        seen[name] = opts
+        raise ValueError("options seen")
+
+    monkeypatch.setattr("embedding_jobs.ctr_adapt.adapt", fake_adapt)
+    for name, flags in SETTINGS.items():
+        assert adapt_main(["--dataset", str(tmp_path), "--out", str(tmp_path / name), "--model", str(tmp_path),
+                           *flags]) == 2
+    assert seen["records"].stage_b_head_lr is None and seen["records"].eval_every == 0  # what every record used
+    assert seen["frozen_head"].stage_b_head_lr == 0 and seen["frozen_head"].eval_every > 0
+
+
 def test_bad_arguments_give_clear_errors(toy: Path, encoder: Path, tmp_path: Path,
                                          caplog: pytest.LogCaptureFixture) -> None:
     common = ["--out", str(tmp_path / "out"), "--no-progress"]
