@@ -62,7 +62,7 @@ def main() -> int:
               str(tables), "--model", str(model), "--engine", args.engine, "--no-progress"],
              tables / "item" / "table.parquet", logs / f"embed_{ds}_{name}.log")
         cmd = [python(), "-m", "benchmarks.quality", "--dataset", args.dataset, *split, "--backbones", *args.backbones,
-               "--seeds", *map(str, args.seeds), "--variant", f"elec_gain_{name}", *_gain(tables)]
+               "--seeds", *map(str, args.seeds), "--variant", f"elec_gain_{name}", *_gain(tables.relative_to(REPO))]  # the record's command, runnable anywhere
         print("run:", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=REPO, check=True)
     variants = [f"elec_gain_{n}" for n in args.settings]
