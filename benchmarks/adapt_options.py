@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 from benchmarks.common import REPO, RESULTS, environment, environment_line, python, write_json
-from benchmarks.elec import _gain, step
+from benchmarks.elec import gain_overrides, step
 from benchmarks.quality import SEEDS, data_name, prepare_data
 
 SETTINGS = {
@@ -61,8 +61,10 @@ def main() -> int:
         step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
               str(tables), "--model", str(model), "--engine", args.engine, "--no-progress"],
              tables / "item" / "table.parquet", logs / f"embed_{ds}_{name}.log")
+        # tables relative to the repository, so the record's command runs in any checkout
         cmd = [python(), "-m", "benchmarks.quality", "--dataset", args.dataset, *split, "--backbones", *args.backbones,
-               "--seeds", *map(str, args.seeds), "--variant", f"elec_gain_{name}", *_gain(tables.relative_to(REPO))]  # the record's command, runnable anywhere
+               "--seeds", *map(str, args.seeds), "--variant", f"elec_gain_{name}",
+               *gain_overrides(tables.relative_to(REPO))]
         print("run:", " ".join(cmd[1:]), flush=True)
         subprocess.run(cmd, cwd=REPO, check=True)
     variants = [f"elec_gain_{n}" for n in args.settings]

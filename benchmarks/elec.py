@@ -68,14 +68,14 @@ VARIANT_NOTES = {
 }
 
 
-def _gain(tables: Path, inject: str = "fields") -> list[str]:
+def gain_overrides(tables: Path, inject: str = "fields") -> list[str]:
     # the design's injection, stated explicitly: the default became "logit" after this benchmark's ablation
     return ["method.name=elec_gain", f"method.elec.user_table={tables / 'user'}",
             f"method.elec.item_table={tables / 'item'}", f"method.elec.inject={inject}"]
 
 
 def variants(tables: Path) -> dict[str, list[str]]:
-    gain = _gain(tables)
+    gain = gain_overrides(tables)
     return {
         "base": [],
         "elec_gain": gain,
@@ -88,12 +88,12 @@ def variants(tables: Path) -> dict[str, list[str]]:
 
 
 def ablations(tables: Path, untuned: Path, profile: Path) -> dict[str, list[str]]:
-    gain = _gain(tables)
+    gain = gain_overrides(tables)
     return {
-        "elec_gain_logit": _gain(tables, "logit"),  # late fusion instead of extra fields
+        "elec_gain_logit": gain_overrides(tables, "logit"),  # late fusion instead of extra fields
         # projections that start at the id embeddings' scale, not PyTorch's default (~30x larger)
         "elec_gain_std": [*gain, "method.elec.projection_std=0.02"],
-        "elec_gain_untuned": _gain(untuned),  # the packaged MiniLM as is
+        "elec_gain_untuned": gain_overrides(untuned),  # the packaged MiniLM as is
         "elec_gain_items": ["method.name=elec_gain", f"method.elec.item_table={tables / 'item'}",
                             "method.elec.inject=fields"],  # no user side
         # students of the item-only gain network (user texts built from training rows shift between training
@@ -102,7 +102,7 @@ def ablations(tables: Path, untuned: Path, profile: Path) -> dict[str, list[str]
            for k in ("score", "rep", "both")},
         # user texts from the profile only (a model adapted on such texts): no user vector depends on a
         # training row, so nothing shifts between training and test rows
-        "elec_gain_profile": _gain(profile),
+        "elec_gain_profile": gain_overrides(profile),
         **{f"elec_profile_student_{k}": ["method.name=elec_student", PROFILE_TEACHER, *TERMS[k]]
            for k in ("score", "both")},
         "elec_joint_both": ["method.name=elec_student", "method.elec.mode=joint", *gain[1:], *TERMS["both"]],

@@ -33,15 +33,25 @@ llactr_tables() {
     --like "$features/field" --out "runs/features/$data-random"
 }
 
+# LLaCTR on a field table and on its seeded random control, DeepFM and DCNv2: $1 dataset, $2 variant prefix,
+# $3 the table's folder (the control's: <folder>-random), $4 "" or _centered (the field vectors centred), then
+# the split flags. Variants: <prefix><suffix> and <prefix>_random<suffix>
+llactr_pair() {
+  local dataset=$1 prefix=$2 features=$3 suffix=$4 flags=("${@:5}") extra=()
+  [ -z "$suffix" ] || extra=(method.llactr.center_fields=true)
+  for table in "" _random; do
+    $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 \
+      --variant "$prefix$table$suffix" method.name=llactr "method.llactr.field_table=$features${table/_/-}/field" \
+      "${extra[@]}"
+  done
+}
+
 # LLaCTR and its control (seeded random field vectors) on one prepared dataset: $1 dataset, $2 split flag
 llactr() {
   local dataset=$1 data=$2 flags=("${@:3}")
   local fields=runs/models/$data-fields features=runs/features/$data
   llactr_tables "$@"
-  $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 --variant llactr \
-    method.name=llactr "method.llactr.field_table=$features/field"
-  $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 --variant llactr_random \
-    method.name=llactr "method.llactr.field_table=runs/features/$data-random/field"
+  llactr_pair "$dataset" llactr "$features" "" "${flags[@]}"
   $PY -m benchmarks.compare --data "$data" --variants llactr llactr_random --backbones deepfm dcnv2 \
     --out "compare_${data}_llactr"
   $PY -m benchmarks.compare --data "$data" --variants llactr --reference llactr_random --backbones deepfm dcnv2 \
@@ -100,10 +110,7 @@ llactr_llm() {
     --like "$features/field" --out "$features-random"
   [ -f "runs/features/$data-untuned/field/table.parquet" ] || $PY -m embedding_jobs.run --entity field \
     --dataset "runs/data/$data" --out "runs/features/$data-untuned" --no-progress
-  for table in "" _random; do
-    $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 \
-      --variant "llactr_$llm$table" method.name=llactr "method.llactr.field_table=$features${table/_/-}/field"
-  done
+  llactr_pair "$dataset" "llactr_$llm" "$features" "" "${flags[@]}"
   $PY -m benchmarks.compare --data "$data" --variants "llactr_$llm" "llactr_${llm}_random" llactr \
     --backbones deepfm dcnv2 --out "compare_${data}_llactr_$llm"
   $PY -m benchmarks.compare --data "$data" --variants "llactr_$llm" --reference "llactr_${llm}_random" \
@@ -112,11 +119,7 @@ llactr_llm() {
     --backbones deepfm dcnv2 --out "compare_${data}_llactr_${llm}_vs_minilm"
   # the same with the field vectors centred (method.llactr.center_fields): does the decoder's anisotropy (all
   # its field pairs look alike) explain the gap to MiniLM and to the random table? (MiniLM's: llactr_centered)
-  for table in "" _random; do
-    $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 \
-      --variant "llactr_$llm${table}_centered" method.name=llactr \
-      "method.llactr.field_table=$features${table/_/-}/field" method.llactr.center_fields=true
-  done
+  llactr_pair "$dataset" "llactr_$llm" "$features" _centered "${flags[@]}"
   $PY -m benchmarks.compare --data "$data" --variants "llactr_${llm}_centered" "llactr_${llm}_random_centered" \
     llactr_centered --backbones deepfm dcnv2 --out "compare_${data}_llactr_${llm}_centered"
   $PY -m benchmarks.compare --data "$data" --variants "llactr_${llm}_centered" \
@@ -132,11 +135,7 @@ llactr_llm() {
 llactr_centered() {
   local dataset=$1 data=$2 flags=("${@:3}")
   llactr_tables "$@"
-  for table in "" _random; do
-    $PY -m benchmarks.quality --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 \
-      --variant "llactr${table}_centered" method.name=llactr \
-      "method.llactr.field_table=runs/features/$data${table/_/-}/field" method.llactr.center_fields=true
-  done
+  llactr_pair "$dataset" llactr "runs/features/$data" _centered "${flags[@]}"
   $PY -m benchmarks.compare --data "$data" --variants llactr_centered llactr_random_centered llactr llactr_random \
     --backbones deepfm dcnv2 --out "compare_${data}_llactr_centered"
   $PY -m benchmarks.compare --data "$data" --variants llactr_centered --reference llactr_random_centered \
