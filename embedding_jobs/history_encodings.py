@@ -56,7 +56,7 @@ def load_srp_run(run: Path, checkpoint: str = "best") -> tuple[SRP4CTRTask, Prep
     assert isinstance(task, SRP4CTRTask)
     task.set_stage(task.stages[-1])
     load_part(run / "checkpoints" / checkpoint, task)
-    bake_lookup(task, embedding_lookup(cfg.data.path, schema, cfg.data.min_count))
+    bake_lookup(task, embedding_lookup(cfg.data.path, schema, cfg.data.min_count, cfg.data.unlabeled_splits))
     return task.eval(), schema, Path(cfg.data.path)
 
 

@@ -796,6 +796,65 @@ def test_loader_shuffle_is_seeded_per_epoch(tiny_prepared):
     assert not set(ranks[0]) & set(ranks[1]) and sorted(ranks[0] + ranks[1]) == sorted(plain)
 
 
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_unlabeled_rows_join_training_without_their_labels(tiny_prepared, shuffle):
+    """data.unlabeled_splits: every train and valid row exactly once over the ranks, each valid row with label 0
+    and LABELED 0, each train row as stored with LABELED 1; padding rows count as neither."""
+    from recsys.data.batch import LABELED
+    from recsys.data.loader import ParquetBatches
+
+    ds, out, prepared = tiny_prepared
+    train, valid = _parquet_rows(out, "train"), _parquet_rows(out, "valid")
+    assert not train.keys() & valid.keys()
+    seen: dict[int, float] = {}
+    n_batches = []
+    for rank in range(2):
+        loader = ParquetBatches(out, "train", prepared, batch_size=6, rank=rank, world_size=2, shuffle=shuffle,
+                                seed=1, unlabeled=("valid",))
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        n_batches.append(len(batches))
+        for b in batches:
+            labeled = b.extras[LABELED].numpy()
+            assert (labeled[b.weights.numpy() == 0] == 0).all()
+            for row, flag in zip(_rows_of(b, DENSE_ORDER), labeled[b.weights.numpy() == 1], strict=True):
+                row_no = int(row["row_no"])
+                assert row_no not in seen
+                seen[row_no] = flag
+                if flag == 1:
+                    assert row == train[row_no]
+                else:
+                    assert row == {**valid[row_no], "label": 0.0}  # the label never leaves the file
+    assert n_batches[0] == n_batches[1]
+    assert {r for r, f in seen.items() if f == 1} == set(train) and {r for r, f in seen.items() if f == 0} == set(valid)
+    # without unlabeled splits the batches carry no LABELED column (a plain split is all labeled)
+    assert LABELED not in next(iter(ParquetBatches(out, "train", prepared, batch_size=6))).extras
+
+
+def test_unlabeled_rows_count_towards_min_count(tiny_prepared):
+    """An id that only the unlabeled rows hold reads its own row there; nothing the training rows map to its
+    own row changes, and an unlabeled lookup is never coarser than the plain one."""
+    from recsys.data.loader import embedding_lookup
+
+    ds, out, prepared = tiny_prepared
+    # the tiny split's ids occur 7-45 times in training rows and histories: a high min_count makes some rare
+    plain = embedding_lookup(out, prepared, 10)
+    more = embedding_lookup(out, prepared, 10, ("valid", "test"))
+    valid = read_split(out, "valid")
+    changed = 0
+    for f in prepared.sparse_fields:
+        a, b = plain[f.table], more[f.table]
+        own = a == np.arange(len(a))
+        assert (b[own] == a[own]).all() and set(np.unique(b[~own])) <= set(np.flatnonzero(~own)) | {UNK_ID}
+        assert (a[b] == a).all()  # the plain lookup recovers from the other: what ELEC's teacher relies on
+        changed += int((a != b).sum())
+    assert changed > 0
+    users = valid["user_id"].to_numpy()
+    assert (plain["user_id"][users] == UNK_ID).any() and (more["user_id"][users] != UNK_ID).any()
+    with pytest.raises(FileNotFoundError, match="nope.parquet"):
+        embedding_lookup(out, prepared, 2, ("nope",))
+
+
 def test_loader_rejects_bad_arguments(tiny_prepared, tmp_path):
     from recsys.data.loader import ParquetBatches
 
@@ -804,3 +863,7 @@ def test_loader_rejects_bad_arguments(tiny_prepared, tmp_path):
         ParquetBatches(out, "train", prepared, batch_size=4, rank=2, world_size=2)
     with pytest.raises(FileNotFoundError, match="nope.parquet"):
         ParquetBatches(out, "nope", prepared, batch_size=4)
+    with pytest.raises(FileNotFoundError, match="unlabeled split 'nope'"):
+        ParquetBatches(out, "train", prepared, batch_size=4, unlabeled=("nope",))
+    with pytest.raises(ValueError, match="must differ"):
+        ParquetBatches(out, "train", prepared, batch_size=4, unlabeled=("train",))

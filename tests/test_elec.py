@@ -3,6 +3,7 @@ synthetic user/item tables, and the exported student scoring where transformers 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -304,3 +305,82 @@ def test_a_plain_model_can_teach_as_the_control(ml100k_tables, tmp_path):
         (fake / "config.yaml").write_text((tmp_path / "cfg.yaml").read_text())
         (fake / "test_metrics.json").write_text((tmp_path / "base" / "test_metrics.json").read_text())
         build_trainer(_cfg(data, tmp_path, "s2", "method.name=elec_student", f"method.elec.teacher_run={fake}"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Distillation on unlabeled rows (data.unlabeled_splits)
+# ------------------------------------------------------------------------------------------------
+def test_with_unlabeled_rows_the_teacher_still_reads_its_own_runs_rows(ml100k_tables, gain_run, tmp_path):
+    """The student looks the valid split's cold users up in their own rows; inside it, the frozen teacher must
+    still score every row exactly as its own run did (reading <unk> for them), and BCE must never read an
+    unlabeled row's label."""
+    from recsys.data.batch import LABELED
+    from recsys.data.loader import ParquetBatches, embedding_lookup
+    from recsys.experiment import build_task, load_config
+    from recsys.train.checkpoint import load_part
+    from recsys.train.task import Task
+
+    data, _, _ = ml100k_tables
+    run, _ = gain_run
+    schema = PreparedSchema.load(data)
+    cfg = _cfg(data, tmp_path, "s", "method.name=elec_student", f"method.elec.teacher_run={run}",
+               "data.unlabeled_splits=[valid]")
+    cpu = torch.device("cpu")
+    student = build_task(schema, cfg, device=cpu)
+    load_part(run / "checkpoints" / "best", student, target_prefix="teacher.")
+    gain = build_task(schema, load_config(run / "config.yaml"), device=cpu)
+    load_part(run / "checkpoints" / "best", gain)
+    columns = student.extra_columns
+    mine = next(iter(ParquetBatches(data, "valid", schema, 512, extra_columns=columns,
+                                    lookup=embedding_lookup(data, schema, 2, ["valid"]))))
+    theirs = next(iter(ParquetBatches(data, "valid", schema, 512, extra_columns=columns,
+                                      lookup=embedding_lookup(data, schema, 2))))
+    # the lookups differ on these rows (cold users have their own rows now), so the check below means something
+    assert not torch.equal(mine.sparse_features.values(), theirs.sparse_features.values())
+    student.eval(), gain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(student._teacher(mine).logit, gain.output(theirs).logit, rtol=0, atol=0)
+    assert student.learns_from_unlabeled and not gain.learns_from_unlabeled
+
+    # BCE reads labeled rows only: an unlabeled row's label (0 in the batch) cannot move the loss
+    batch = next(iter(ParquetBatches(data, "train", schema, 4096, shuffle=True, unlabeled=("valid",),
+                                     extra_columns=columns)))
+    unlabeled = batch.extras[LABELED] == 0
+    assert unlabeled.any() and (batch.labels[unlabeled] == 0).all()
+    plain = Task(student.model).eval()
+    flipped = dataclasses.replace(batch, labels=torch.where(unlabeled, 1.0, batch.labels))
+    with torch.no_grad():
+        assert plain(batch)[0].item() == plain(flipped)[0].item()
+        assert plain(flipped)[0].item() != plain(dataclasses.replace(flipped, extras={}))[0].item()
+
+
+def test_a_student_distilled_on_unlabeled_rows_exports_what_it_reported(ml100k_tables, gain_run, tmp_path):
+    from recsys.experiment import build_trainer
+    from recsys.serve import export_run, load_exported
+    from recsys.serve.score import score_file
+
+    data, _, _ = ml100k_tables
+    run, _ = gain_run
+    result = build_trainer(_cfg(data, tmp_path, "student", "method.name=elec_student", f"method.elec.teacher_run={run}",
+                                "data.unlabeled_splits=[valid]")).fit()
+    assert result["test_auc"] > 0.6
+    model = load_exported(export_run(tmp_path / "student", tmp_path / "export"))
+    scored = score_file(model, data / "test.parquet", tmp_path / "scores.parquet", progress=False)
+    # the export bakes the lookup of the run (cold users in valid read their own, distilled rows)
+    assert scored["auc"] == pytest.approx(result["test_auc"], abs=1e-6)
+
+
+def test_unlabeled_rows_are_refused_where_nothing_learns_from_them(ml100k_tables, gain_run, tmp_path):
+    from recsys.experiment import build_trainer
+    from recsys.train.config import ConfigError
+
+    data, user, item = ml100k_tables
+    run, _ = gain_run
+    with pytest.raises(ConfigError, match="Task learns nothing from rows without labels"):
+        build_trainer(_cfg(data, tmp_path, "a", "data.unlabeled_splits=[valid]"))
+    for bad in (["method.elec.mode=joint", *_tables(user, item)], ["method.elec.score_weight=0"]):
+        with pytest.raises(ConfigError, match="only a two-stage student with a distillation weight"):
+            build_trainer(_cfg(data, tmp_path, "b", "method.name=elec_student", "data.unlabeled_splits=[valid]", *bad))
+    with pytest.raises(ConfigError, match="name other splits than train"):
+        build_trainer(_cfg(data, tmp_path, "c", "method.name=elec_student", f"method.elec.teacher_run={run}",
+                           "data.unlabeled_splits=[train]"))

@@ -8,6 +8,10 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
+# Batch.extras key present when unlabeled rows join the training rows (``data.unlabeled_splits``): 1 for a
+# row whose label counts, 0 for an unlabeled one (its label is 0 and no loss may read it)
+LABELED = "labeled"
+
 
 @dataclass
 class Batch(Pipelineable):

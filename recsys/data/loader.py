@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.data.batch import Batch
+from recsys.data.batch import LABELED, Batch
 from recsys.data.lists import Lists
 from recsys.data.schema import PAD_ID, UNK_ID, FieldKind, PreparedField, PreparedSchema
 
@@ -72,7 +72,8 @@ class Chunk:
                      extras)
 
 
-def embedding_lookup(folder: str | Path, schema: PreparedSchema, min_count: int) -> dict[str, np.ndarray]:
+def embedding_lookup(folder: str | Path, schema: PreparedSchema, min_count: int,
+                     unlabeled: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """Per embedding table, the row each id reads: its own, or the unknown id's when it occurs fewer than
     ``min_count`` times in the training rows.
 
@@ -81,6 +82,10 @@ def embedding_lookup(folder: str | Path, schema: PreparedSchema, min_count: int)
     split lost. They share the unknown id's row instead, and with ``min_count`` >= 2 that row is trained, on
     the ids that occur only once. The model inputs (and the ids language-model tables are keyed by) stay as
     they are; only the embedding lookup changes, and an export bakes the same mapping into its tables.
+
+    ``unlabeled`` splits (``data.unlabeled_splits``: rows that join training without their labels) count like
+    training rows: an id they hold often enough reads its own row, which those rows train (by distillation).
+    Such a lookup only ever sends to ``<unk>`` a subset of what the training rows alone send there.
     """
     out: dict[str, np.ndarray] = {}
     if min_count < 1:
@@ -93,11 +98,28 @@ def embedding_lookup(folder: str | Path, schema: PreparedSchema, min_count: int)
             raise ValueError(f"{folder}: vocabulary {f.table} has no train_rows: the dataset was prepared by an "
                              "older version; prepare it again (python -m recsys.prepare)")
         counts = vocab.column("train_rows").to_numpy()
+        for split in unlabeled:
+            counts = counts + _occurrences(Path(folder) / f"{split}.parquet", schema, f.table, len(counts))
         lookup = np.arange(len(counts), dtype=np.int64)
         lookup[counts < min_count] = UNK_ID
         lookup[PAD_ID] = PAD_ID
         out[f.table] = lookup
     return out
+
+
+def _occurrences(path: Path, schema: PreparedSchema, table: str, vocab_size: int) -> np.ndarray:
+    """How often each id of vocabulary ``table`` occurs in the split file ``path`` (every field using it)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: data.unlabeled_splits names a split the dataset does not have")
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for f in (f for f in schema.sparse_fields if f.table == table):
+        col = pq.read_table(path, columns=[f.name]).column(f.name)
+        ids = (col.to_numpy() if f.kind is FieldKind.CATEGORICAL else Lists.from_arrow(col).values).astype(np.int64)
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"{path}: column {f.name} holds ids outside vocabulary {table} (0..{vocab_size - 1}): "
+                             "the file was not prepared with this dataset")
+        counts += np.bincount(ids, minlength=vocab_size)
+    return counts
 
 
 class ParquetBatches:
@@ -108,6 +130,10 @@ class ParquetBatches:
     from the split, such as token ids), all of whose columns go into ``Batch.extras``. Extra columns are
     numbers or fixed-size lists of numbers. ``lookup`` (see :func:`embedding_lookup`) maps each table's ids
     to the rows the embeddings read; extra columns keep the stored ids.
+
+    ``unlabeled`` splits join the split's rows without their labels (label 0, ``Batch.extras[LABELED]`` 0;
+    the split's own rows have 1 there), shuffled in with them: impressions a distilled student learns from
+    through its teacher's scores alone. Every rank takes its share of each.
     """
 
     def __init__(
@@ -124,6 +150,7 @@ class ParquetBatches:
         extra_columns: tuple[str, ...] = (),
         side_files: tuple[str | Path, ...] = (),
         lookup: dict[str, np.ndarray] | None = None,
+        unlabeled: Sequence[str] = (),
     ) -> None:
         self.path = Path(folder) / f"{split}.parquet"
         if not self.path.is_file():
@@ -136,20 +163,35 @@ class ParquetBatches:
         self._file = pq.ParquetFile(self.path)
         self.sparse_fields = [f for f in schema.sparse_fields]
         self.dense_names = [f.name for f in schema.dense_fields]
-        missing = [f.name for f in schema.fields if f.name not in self._file.schema_arrow.names]
-        if missing:
-            raise ValueError(f"{self.path} lacks the columns {missing} that its schema.json lists")
         self.keys = [f.name for f in self.sparse_fields]
-        absent = [c for c in extra_columns if c not in self._file.schema_arrow.names]
-        if absent:
-            raise ValueError(f"{self.path} has no column(s) {absent}; its columns: {self._file.schema_arrow.names}")
         self.extra_columns = list(extra_columns)
         self.lookup = lookup
+        if split in unlabeled or len(set(unlabeled)) != len(unlabeled):
+            raise ValueError(f"unlabeled splits {list(unlabeled)} must differ from each other and from {split!r}")
+        if unlabeled and side_files:
+            raise ValueError(f"unlabeled splits {list(unlabeled)} cannot join {split!r}: its rows come with side "
+                             "files, which the unlabeled splits lack")
+        # the split's own file, then each unlabeled split's: (path, file, labeled)
+        self._sources = [(self.path, self._file, True)]
+        for u in unlabeled:
+            path = Path(folder) / f"{u}.parquet"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: the unlabeled split {u!r} is not in {folder}")
+            self._sources.append((path, pq.ParquetFile(path), False))
+        for path, file, _ in self._sources:
+            names = file.schema_arrow.names
+            missing = [f.name for f in schema.fields if f.name not in names]
+            if missing:
+                raise ValueError(f"{path} lacks the columns {missing} that its schema.json lists")
+            absent = [c for c in extra_columns if c not in names]
+            if absent:
+                raise ValueError(f"{path} has no column(s) {absent}; its columns: {names}")
         self._sides = [_aligned(Path(p), self._file, self.path) for p in side_files]
-        n = self._file.metadata.num_rows
-        self.num_rows = n
-        self.lo, self.hi = rank * n // world_size, (rank + 1) * n // world_size
-        self._rows_per_rank_max = math.ceil(n / world_size)
+        sizes = [file.metadata.num_rows for _, file, _ in self._sources]
+        self.num_rows = sum(sizes)
+        self._ranges = [(rank * n // world_size, (rank + 1) * n // world_size) for n in sizes]
+        self._rows_per_rank_max = max(sum((r + 1) * n // world_size - r * n // world_size for n in sizes)
+                                      for r in range(world_size))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -158,34 +200,45 @@ class ParquetBatches:
         return math.ceil(self._rows_per_rank_max / self.batch_size)
 
     # ------------------------------------------------------------------------------------------
-    def _row_groups(self) -> list[tuple[int, int, int]]:
-        """(row group, first row to keep, end row) within this rank's range."""
-        out, start = [], 0
-        meta = self._file.metadata
-        for g in range(meta.num_row_groups):
-            end = start + meta.row_group(g).num_rows
-            lo, hi = max(start, self.lo), min(end, self.hi)
-            if lo < hi:
-                out.append((g, lo - start, hi - start))
-            start = end
+    def _row_groups(self) -> list[tuple[int, int, int, int]]:
+        """(source, row group, first row to keep, end row) within this rank's range of each source."""
+        out = []
+        for s, ((_, file, _), (first, last)) in enumerate(zip(self._sources, self._ranges, strict=True)):
+            start = 0
+            for g in range(file.metadata.num_row_groups):
+                end = start + file.metadata.row_group(g).num_rows
+                lo, hi = max(start, first), min(end, last)
+                if lo < hi:
+                    out.append((s, g, lo - start, hi - start))
+                start = end
         return out
 
-    def _chunk(self, split: pa.Table, sides: list[pa.Table]) -> Chunk:
+    def _chunk(self, split: pa.Table, sides: list[pa.Table], labeled: bool = True) -> Chunk:
         chunk = table_chunk(split, self.sparse_fields, self.dense_names, self.extra_columns, self.lookup)
         for (path, _), t in zip(self._sides, sides, strict=True):
             chunk.extras.update({name: _numpy(t.column(name), f"{path} column {name}") for name in t.column_names})
+        if len(self._sources) > 1:
+            if not labeled:
+                chunk.labels = np.zeros_like(chunk.labels)  # never read, and never handed on
+            chunk.extras[LABELED] = np.full(len(chunk), float(labeled), np.float32)
         return chunk
 
-    def _read(self, groups: list[tuple[int, int, int]]) -> Chunk:
-        columns = ["label", *self.keys, *self.dense_names, *self.extra_columns]
-        return Chunk.concat([self._chunk(self._file.read_row_group(g, columns=columns).slice(lo, hi - lo),
-                                         [side.read_row_group(g).slice(lo, hi - lo) for _, side in self._sides])
-                             for g, lo, hi in groups])
+    def _columns(self, file: pq.ParquetFile) -> list[str]:
+        label = ["label"] if "label" in file.schema_arrow.names else []
+        return [*label, *self.keys, *self.dense_names, *self.extra_columns]
+
+    def _read(self, groups: list[tuple[int, int, int, int]]) -> Chunk:
+        chunks = []
+        for s, g, lo, hi in groups:
+            _, file, labeled = self._sources[s]
+            sides = [side.read_row_group(g).slice(lo, hi - lo) for _, side in self._sides] if s == 0 else []
+            chunks.append(self._chunk(file.read_row_group(g, columns=self._columns(file)).slice(lo, hi - lo), sides,
+                                      labeled))
+        return Chunk.concat(chunks)
 
     def _empty(self) -> Chunk:
         """A chunk with every column and no rows (a rank's padding batches)."""
-        columns = ["label", *self.keys, *self.dense_names, *self.extra_columns]
-        return self._chunk(self._file.schema_arrow.empty_table().select(columns),
+        return self._chunk(self._file.schema_arrow.empty_table().select(self._columns(self._file)),
                            [side.schema_arrow.empty_table() for _, side in self._sides])
 
     def chunks(self) -> Iterator[Chunk]:

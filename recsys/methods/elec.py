@@ -20,6 +20,11 @@
   - ``mode="joint"``: teacher and student train together (a pseudo-siamese pair); the teacher learns from
     its own BCE only.
 
+  A two-stage student can also learn from rows without labels (``data.unlabeled_splits=[valid]``: the
+  validation impressions, their labels never read): BCE skips them, the distillation terms do not. Their ids
+  count towards ``data.min_count``, so a cold item among them gets its own student embedding row, trained by
+  the teacher's scores; the teacher still reads ``<unk>`` for it, as it did in its own run.
+
 The served model is the student alone: ``score`` is its logit, and ``recsys.serve.export`` writes it
 without the teacher, the language model or the feature tables.
 
@@ -36,10 +41,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchrec import EmbeddingBagCollection
+from torchrec import EmbeddingBagCollection, KeyedJaggedTensor
 
 from recsys.data.batch import Batch
 from recsys.data.schema import FieldKind, PreparedSchema
@@ -209,6 +215,18 @@ class ELECGainTask(Task):
 # ------------------------------------------------------------------------------------------------
 # Vanilla network (the served student)
 # ------------------------------------------------------------------------------------------------
+@torch.fx.wrap  # one opaque step when TorchRec's train pipeline traces the model (it iterates over keys)
+def relook_up(batch: Batch, keys: list[str], rows: list[torch.Tensor]) -> Batch:
+    """``batch`` with the ids of field ``keys[i]`` replaced by ``rows[i][id]`` (other fields unchanged)."""
+    kjt = batch.sparse_features
+    by_key = dict(zip(keys, rows, strict=True))
+    values = [by_key[k][v] if k in by_key else v
+              for k, v in zip(kjt.keys(), kjt.values().split(kjt.length_per_key()), strict=True)]
+    return replace(batch, sparse_features=KeyedJaggedTensor(
+        keys=kjt.keys(), values=torch.cat(values), lengths=kjt.lengths(), stride=kjt.stride()))
+
+
+# ------------------------------------------------------------------------------------------------
 class ELECStudentTask(Task):
     """The student backbone (``model``: tabular input only) distilled from a gain network (``teacher``).
 
@@ -217,16 +235,27 @@ class ELECStudentTask(Task):
     language model adds from what distillation alone does.
 
     With no teacher (both distillation weights zero) this is exactly the base model's BCE training.
+
+    ``teacher_rows`` (per sparse field, the row the teacher reads for each row the student's lookup gives)
+    is needed when the student looks ids up differently from its teacher's run: with unlabeled rows, an id
+    they hold reads its own row in the student and ``<unk>`` in the teacher.
     """
 
     def __init__(self, model: Backbone, teacher: Task | None, cfg: ELECConfig,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, teacher_rows: dict[str, np.ndarray] | None = None) -> None:
         super().__init__(model)
         if cfg.distils and teacher is None:
             raise ValueError("distillation weights are set but there is no teacher")
         self.teacher, self.cfg = teacher, cfg
         self.extra_columns = teacher.extra_columns if teacher is not None else ()
         self.frozen_teacher = teacher is not None and Mode(cfg.mode) is Mode.TWO_STAGE
+        # unlabeled rows teach through the teacher's scores alone: only a frozen teacher's are sound (a joint
+        # teacher would meet their ids untrained)
+        self.learns_from_unlabeled = self.frozen_teacher
+        self.teacher_keys = list(teacher_rows or {})
+        for i, rows in enumerate((teacher_rows or {}).values()):
+            self.register_buffer(f"teacher_rows_{i}", torch.as_tensor(rows, dtype=torch.long, device=device),
+                                 persistent=False)
         if self.frozen_teacher:
             # DDP must ignore the teacher's dense parameters. Its tables keep requires_grad (the fused
             # optimizer needs it to attach) but never update: the teacher runs without autograd.
@@ -253,6 +282,9 @@ class ELECStudentTask(Task):
 
     def _teacher(self, batch: Batch) -> CTROutput:
         if self.frozen_teacher:
+            if self.teacher_keys:
+                rows = [getattr(self, f"teacher_rows_{i}") for i in range(len(self.teacher_keys))]
+                batch = relook_up(batch, self.teacher_keys, rows)
             with torch.no_grad():
                 return self.teacher.output(batch)
         return self.teacher.output(batch)
@@ -315,6 +347,9 @@ def _check_student(cfg: ExperimentConfig, schema: PreparedSchema | None) -> None
     _check_options(cfg, schema)
     e = cfg.method.elec
     if not (e.distils and e.mode == Mode.TWO_STAGE):
+        if cfg.data.unlabeled_splits:
+            raise ConfigError(f"data.unlabeled_splits={cfg.data.unlabeled_splits}: only a two-stage student with a "
+                              "distillation weight learns from unlabeled rows (through its frozen teacher's scores)")
         return
     from recsys.experiment import check_method, load_config
 
@@ -327,6 +362,9 @@ def _check_student(cfg: ExperimentConfig, schema: PreparedSchema | None) -> None
     if teacher.data.min_count != cfg.data.min_count:
         raise ConfigError(f"{run} looked embeddings up with data.min_count={teacher.data.min_count}, the student "
                           f"with {cfg.data.min_count}: both must read the same rows")
+    if not set(teacher.data.unlabeled_splits) <= set(cfg.data.unlabeled_splits):
+        raise ConfigError(f"{run} trained with data.unlabeled_splits={teacher.data.unlabeled_splits}: the student "
+                          "must include them")
     done = json.loads((run / "test_metrics.json").read_text())
     if schema is not None and done.get("fingerprint") != schema.fingerprint:
         raise ConfigError(f"{run} was trained on dataset {done.get('dataset')!r} (fingerprint "
@@ -376,11 +414,32 @@ def _build_student(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.
     e = cfg.method.elec
     # a gain network; in two-stage mode a plain model's run also works (the control: distillation without
     # any language model)
-    teacher = None
+    teacher, rows = None, None
     if e.distils:
         tc = teacher_config(cfg)
         teacher = get_method(tc.method.name).build(schema, tc, device)
-    return ELECStudentTask(cfg.model.build(schema, device), teacher, e)
+        if e.mode == Mode.TWO_STAGE and cfg.data.unlabeled_splits != tc.data.unlabeled_splits:
+            rows = teacher_rows(schema, cfg, tc)
+    return ELECStudentTask(cfg.model.build(schema, device), teacher, e, teacher_rows=rows)
+
+
+def teacher_rows(schema: PreparedSchema, cfg: ExperimentConfig, tc: ExperimentConfig) -> dict[str, np.ndarray]:
+    """Per sparse field, the embedding row the teacher's run read for each row the student's lookup gives.
+
+    The student's lookup sends an id to its own row or ``<unk>``'s, and to its own row whenever the teacher's
+    does (it counts the teacher's rows and more), so the teacher's lookup applied to the student's rows gives
+    the teacher's rows; checked here for every id.
+    """
+    from recsys.data.loader import embedding_lookup
+
+    student = embedding_lookup(cfg.data.path, schema, cfg.data.min_count, cfg.data.unlabeled_splits)
+    teacher = embedding_lookup(tc.data.path, schema, tc.data.min_count, tc.data.unlabeled_splits)
+    for table, rows in teacher.items():
+        if not np.array_equal(rows[student[table]], rows):
+            raise ConfigError(f"vocabulary {table}: the student looks some ids up in rows its teacher's run did not "
+                              "train, and not as <unk>; the teacher's data.unlabeled_splits must be among the "
+                              "student's, with the same data.min_count")
+    return {f.name: teacher[f.table] for f in schema.sparse_fields}
 
 
 register(MethodSpec(name="elec_gain", summary="ELEC's gain network: a backbone plus adapted user/item vectors",

@@ -79,7 +79,7 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str = "best",
     m = cfg.model
     ckpt = run_dir / "checkpoints" / checkpoint
     # the run looked rare and unseen ids up in <unk>'s row: the export's tables hold that row for them
-    lookup = embedding_lookup(cfg.data.path, schema, cfg.data.min_count)
+    lookup = embedding_lookup(cfg.data.path, schema, cfg.data.min_count, cfg.data.unlabeled_splits)
     metrics_file = run_dir / "test_metrics.json"
     meta = {
         "format_version": FORMAT_VERSION, "backbone": m.backbone, "embedding_dim": m.embedding_dim,

@@ -35,6 +35,10 @@ class DataConfig:
     # ids with fewer training rows than this read the unknown id's embedding row, which is then trained (on
     # the ids seen once); 1: only ids never seen in training do (see recsys.data.loader.embedding_lookup)
     min_count: int = 2
+    # splits whose rows join the training rows without their labels, e.g. [valid]: impressions a task that
+    # learns from unlabeled rows (ELEC's student, through its teacher's scores) trains on; the ids they hold
+    # count towards min_count, so a cold item among them gets its own embedding row
+    unlabeled_splits: list[str] = field(default_factory=list)
 
 
 Schedule = Literal["constant", "linear", "cosine"]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.data.batch import Batch
+from recsys.data.batch import LABELED, Batch
 from recsys.models.base import Backbone, CTROutput
 from recsys.train.evaluation import CTREvaluator, Evaluator
 
@@ -82,10 +82,17 @@ class ParamGroup:
     warmup_steps: int | None = None
 
 
+def labeled_weights(batch: Batch) -> torch.Tensor:
+    """1 for a real row whose label counts; 0 for padding and for unlabeled rows (``data.unlabeled_splits``)."""
+    labeled = batch.extras.get(LABELED)
+    return batch.weights if labeled is None else batch.weights * labeled
+
+
 def weighted_bce(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Mean binary cross-entropy over the real rows of a (possibly padded) batch."""
-    loss = F.binary_cross_entropy_with_logits(logits, batch.labels, weight=batch.weights, reduction="sum")
-    return loss / batch.weights.sum().clamp(min=1.0)
+    """Mean binary cross-entropy over the real, labeled rows of a (possibly padded) batch."""
+    weights = labeled_weights(batch)
+    loss = F.binary_cross_entropy_with_logits(logits, batch.labels, weight=weights, reduction="sum")
+    return loss / weights.sum().clamp(min=1.0)
 
 
 def weighted_mean(values: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -106,6 +113,8 @@ class Task(nn.Module):
 
     stages: tuple[Stage, ...] = (CTR_STAGE,)
     extra_columns: tuple[str, ...] = ()  # columns of the split the loader puts into Batch.extras
+    # whether the extra losses learn from rows without labels (data.unlabeled_splits): BCE never reads them
+    learns_from_unlabeled: bool = False
 
     def __init__(self, model: Backbone, stages: tuple[Stage, ...] | None = None) -> None:
         super().__init__()
@@ -125,7 +134,8 @@ class Task(nn.Module):
 
     def extra_losses(self, batch: Batch, out: CTROutput) -> dict[str, tuple[float, torch.Tensor]]:
         """Loss terms added to the BCE in CTR stages: name -> (weight, per-row values [B]); each adds
-        ``weight`` times the values' mean over the batch's real rows."""
+        ``weight`` times the values' mean over the batch's real rows, unlabeled ones included (a term that
+        reads labels must zero them with :func:`labeled_weights`)."""
         return {}
 
     def stage_forward(self, batch: Batch) -> TaskOutput:

@@ -89,6 +89,8 @@ def check_run_config(cfg: RunConfig, env: DistEnv) -> None:
         if size <= 0 or size % env.world_size:
             raise ConfigError(f"train.stage_batch_size.{stage}={size} must be a positive multiple of "
                               f"{env.world_size} (the ranks)")
+    if "train" in cfg.data.unlabeled_splits or len(set(cfg.data.unlabeled_splits)) != len(cfg.data.unlabeled_splits):
+        raise ConfigError(f"data.unlabeled_splits={cfg.data.unlabeled_splits}: name other splits than train, each once")
     if cfg.data.min_count < 1:
         raise ConfigError(f"data.min_count={cfg.data.min_count}: must be >= 1 (1: only ids never seen in training "
                           "read the unknown id's row)")
@@ -154,6 +156,10 @@ class Trainer:
     def __init__(self, cfg: RunConfig, task: Task, env: DistEnv, schema: PreparedSchema) -> None:
         self.cfg, self.task, self.env, self.schema = cfg, task, env, schema
         check_run_config(cfg, env)
+        if cfg.data.unlabeled_splits and not task.learns_from_unlabeled:
+            raise ConfigError(f"data.unlabeled_splits={cfg.data.unlabeled_splits}: {type(task).__name__} learns "
+                              "nothing from rows without labels (ELEC's two-stage student does, through its "
+                              "teacher's scores); leave it empty")
         names = [s.name for s in task.stages]
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"{type(task).__name__} must declare uniquely named stages, got {names}")
@@ -182,7 +188,7 @@ class Trainer:
             for prefix, (path, source) in task.warm_start().items():
                 n = load_part(path, self.model, target_prefix=prefix, source_prefix=source)
                 self._log(f"loaded {n} tensors of {prefix.rstrip('.')} from {path}")
-        self.lookup = embedding_lookup(cfg.data.path, schema, cfg.data.min_count)
+        self.lookup = embedding_lookup(cfg.data.path, schema, cfg.data.min_count, cfg.data.unlabeled_splits)
         self.stage = task.stages[0]
         self.train_batches = self._train_batches(self.stage)
         task.set_stage(self.stage)
@@ -201,7 +207,7 @@ class Trainer:
         return ParquetBatches(d.path, "train", self.schema, per_rank, self.env.rank, self.env.world_size,
                               shuffle=True, seed=self.cfg.train.seed, window_row_groups=d.window_row_groups,
                               extra_columns=self.task.extra_columns, side_files=self.task.side_files("train"),
-                              lookup=self.lookup)
+                              lookup=self.lookup, unlabeled=d.unlabeled_splits)
 
     def _embedding_mb_per_rank(self) -> list[float]:
         """Every rank's share of the embedding tables (weights and optimizer state), in MB."""
