@@ -7,6 +7,8 @@
                                                                      # LM, item vectors only, profile-only user
                                                                      # texts, joint mode
     python -m benchmarks.elec --dataset ml-1m --ablations elec_gain_logit elec_gain_std   # just these two
+    python -m benchmarks.elec --dataset ml-1m --split cold_item --backbones deepfm --record elec_ml-1m_cold-item_unlabeled \
+        --skip elec_student_alone elec_student_rep elec_student_both     # + distillation on unlabeled rows
 
 Steps, each skipped when its output exists (rerun to resume):
 
@@ -15,7 +17,9 @@ Steps, each skipped when its output exists (rerun to resume):
 3. train, per backbone and seed (``benchmarks.quality``'s runs, config benchmarks/configs/<ds>.yaml):
    ``base``; ``elec_gain``; ``elec_student_{score,rep,both}`` from that seed's gain network (two-stage);
    ``elec_student_alone`` (no distillation: must equal the base exactly); ``control_student_score`` (score
-   distillation from the base model of the same seed: what distillation does without any language model).
+   distillation from the base model of the same seed: what distillation does without any language model);
+   ``elec_student_unlabeled`` and ``control_student_unlabeled``: the same two, distilling on the valid split's
+   rows as well (labels unused), so that ids without training rows get student rows of their own.
 
 The table goes to benchmarks/results/elec_<data>.{md,json,png} (<data>: the dataset and its split, as in
 ``benchmarks.quality``): test AUC and logloss, the gain over the base, the share of the gain network's
@@ -36,6 +40,8 @@ from benchmarks.quality import SEEDS, data_name, per_seed, prepare_data, regime_
 
 TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_s{seed}"
 STUDENT = ["method.name=elec_student", TEACHER]
+CONTROL = ["method.name=elec_student", "method.elec.teacher_run=runs/bench/{tag}_{backbone}_s{seed}"]
+UNLABELED = "data.unlabeled_splits=[valid]"
 ITEMS_TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_items_s{seed}"
 PROFILE_TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_profile_s{seed}"
 # the distillation terms' weights of each student kind
@@ -54,6 +60,10 @@ VARIANT_NOTES = {
     "elec_student_both": "student, BCE + both distillation terms",
     "elec_student_alone": "student with both distillation weights 0: must equal the base",
     "control_student_score": "score distillation from the base model of the same seed: distillation without a language model",
+    "elec_student_unlabeled": "elec_student_score that also distils on the valid split's rows, labels unused "
+                              "(data.unlabeled_splits=[valid]): the ids they hold, cold ones too, get their own rows",
+    "control_student_unlabeled": "control_student_score on the same unlabeled rows: what they give without a "
+                                 "language model",
     "elec_gain_logit": "gain network with late fusion (an MLP over the vectors added to the logit; the default injection)",
     "elec_gain_std": "gain network whose projections start at the id embeddings' scale (projection_std=0.02)",
     "elec_gain_untuned": "gain network on the packaged MiniLM's vectors, not adapted",
@@ -82,8 +92,10 @@ def variants(tables: Path) -> dict[str, list[str]]:
         **{f"elec_student_{k}": [*STUDENT, *TERMS[k]] for k in ("score", "rep", "both")},
         "elec_student_alone": ["method.name=elec_student", *TERMS["alone"]],
         # the control: the same score distillation from the base model of the same seed, no language model
-        "control_student_score": ["method.name=elec_student", "method.elec.teacher_run=runs/bench/{tag}_{backbone}_s{seed}",
-                                  *TERMS["score"]],
+        "control_student_score": [*CONTROL, *TERMS["score"]],
+        # both also distil on the valid split's rows, labels unused: their cold ids get rows of their own
+        "elec_student_unlabeled": [*STUDENT, *TERMS["score"], UNLABELED],
+        "control_student_unlabeled": [*CONTROL, *TERMS["score"], UNLABELED],
     }
 
 
@@ -142,6 +154,8 @@ def main() -> int:
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: rewrite the report from the finished runs (variants with missing runs are left out)")
     p.add_argument("--ablation-backbones", nargs="+", default=["deepfm"], help="the backbones the ablations run on")
+    p.add_argument("--record", default=None,
+                   help="the record's name in benchmarks/results (default elec_<data>; another keeps that one)")
     args = p.parse_args()
     ds = data_name(args.dataset, args.split)
     args.data = ds
@@ -202,7 +216,7 @@ def report(args: argparse.Namespace, results: dict, model: Path) -> None:
                                                           "rows_used", "steps", "seconds", "kept", "options")},
                "environment": environment(), "runs": {
                    b: {v: per_seed(runs) for v, runs in vs.items()} for b, vs in results.items()}}
-    stem = RESULTS / f"elec_{args.data}"
+    stem = RESULTS / (args.record or f"elec_{args.data}")
     write_json(stem.with_suffix(".json"), summary)
     a = summary["adaptation"]
     lines = [f"# ELEC on {args.data}", "",
