@@ -152,6 +152,20 @@ elec() {
     --variants elec_student_score --reference control_student_score --out "compare_${data}_elec_vs_control"
 }
 
+# ELEC's students distilled on the valid split's rows as well (labels unused: data.unlabeled_splits=[valid]),
+# beside the students of the main record and their no-language-model controls; its own record
+elec_unlabeled() {
+  local dataset=$1 data=$2 flags=("${@:3}") record=elec_$2_unlabeled
+  $PY -m benchmarks.elec --dataset "$dataset" "${flags[@]}" --record "$record" \
+    --skip elec_student_alone elec_student_rep elec_student_both
+  $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm dcnv2 --out "compare_${data}_elec_unlabeled" \
+    --variants elec_gain elec_student_score control_student_score elec_student_unlabeled control_student_unlabeled
+  $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm dcnv2 --variants elec_student_unlabeled \
+    --reference control_student_unlabeled --out "compare_${data}_elec_unlabeled_vs_control"
+  $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm dcnv2 --variants elec_student_unlabeled \
+    --reference elec_student_score --out "compare_${data}_elec_unlabeled_vs_student"
+}
+
 # SRP4CTR on ML-100K (the one dataset here with time-ordered histories): DIN, each pre-trained variant, and the
 # same architectures without pre-training (pre-training runs train.epochs, 10 in the config, with early stopping)
 srp4ctr() {
@@ -202,12 +216,15 @@ case $what in
   llactr_smollm2) on ml-100k llactr_llm smollm2 ml-100k ml-100k
                   on ml-1m llactr_llm smollm2 ml-1m ml-1m_cold-item --split cold_item ;;
   elec) elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
+  elec_unlabeled) on ml-1m elec_unlabeled ml-1m ml-1m_cold-item --split cold_item
+                  on ml-100k elec_unlabeled ml-100k ml-100k ;;
   all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
        llactr_tuned ml-1m ml-1m_cold-item full --split cold_item
        llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item
        elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item
        llactr_centered ml-100k ml-100k; llactr_centered ml-1m ml-1m_cold-item --split cold_item
-       llactr_llm smollm2 ml-100k ml-100k; llactr_llm smollm2 ml-1m ml-1m_cold-item --split cold_item ;;
-  *) echo "usage: $0 [all|base|llactr|llactr_tuned|llactr_smollm2|llactr_centered|elec|srp4ctr] [ml-100k|ml-1m]" >&2
+       llactr_llm smollm2 ml-100k ml-100k; llactr_llm smollm2 ml-1m ml-1m_cold-item --split cold_item
+       elec_unlabeled ml-1m ml-1m_cold-item --split cold_item; elec_unlabeled ml-100k ml-100k ;;
+  *) echo "usage: $0 [all|base|llactr|llactr_tuned|llactr_smollm2|llactr_centered|elec|elec_unlabeled|srp4ctr] [ml-100k|ml-1m]" >&2
      exit 2 ;;
 esac
