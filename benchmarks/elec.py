@@ -36,7 +36,16 @@ import sys
 from pathlib import Path
 
 from benchmarks.common import REPO, RESULTS, environment, environment_line, fmt, mean_std, python, write_json
-from benchmarks.quality import SEEDS, data_name, per_seed, prepare_data, regime_table, run_name, run_one
+from benchmarks.quality import (
+    REGIMES,
+    SEEDS,
+    data_name,
+    per_seed,
+    prepare_data,
+    regime_table,
+    run_name,
+    run_one,
+)
 
 TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_s{seed}"
 STUDENT = ["method.name=elec_student", TEACHER]
@@ -239,6 +248,7 @@ def report(args: argparse.Namespace, results: dict, model: Path) -> None:
             lines.append(f"| {v} | {fmt(r['test_auc'])} | {fmt(r['test_logloss'])} | {delta:+.4f} | {kept} | "
                          f"{r['best_epoch']} |")
         lines += [line.replace("| backbone |", "| variant |") for line in regime_table(vs)]
+        lines += share_table(vs)
         alone = vs.get("elec_student_alone")
         if alone:
             same = alone["test_auc"] == vs["base"]["test_auc"]
@@ -252,6 +262,30 @@ def report(args: argparse.Namespace, results: dict, model: Path) -> None:
     stem.with_suffix(".md").write_text("\n".join(lines))
     plot(summary, stem.with_suffix(".png"))
     print(f"wrote {stem}.md/.json/.png")
+
+
+def share_table(vs: dict) -> list[str]:
+    """Per regime where the gain network beats the base, the share of that gain each student keeps (mean
+    test AUCs over the seeds)."""
+    if "base" not in vs or "elec_gain" not in vs:
+        return []
+
+    def auc(v: str, regime: str) -> float | None:
+        values = vs[v].get("regimes", {}).get(regime, {}).get("auc", [])
+        return mean_std(values)[0] if values and None not in values else None
+
+    regimes = [r for r in REGIMES if r != "all" and auc("base", r) is not None
+               and auc("elec_gain", r) is not None and auc("elec_gain", r) > auc("base", r)]
+    students = [v for v in vs if "student" in v]
+    if not regimes or not students:
+        return []
+    lines = ["", "Share of the gain network's gain over the base that each student keeps, per regime where there is "
+             "one (student − base) / (gain network − base):", "",
+             "| variant | " + " | ".join(r.replace("_", " ") for r in regimes) + " |", "|---|" + "---|" * len(regimes)]
+    for v in students:
+        cells = [f"{(auc(v, r) - auc('base', r)) / (auc('elec_gain', r) - auc('base', r)):.0%}" for r in regimes]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _f(x: float | None) -> str:
