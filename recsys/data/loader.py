@@ -189,6 +189,7 @@ class ParquetBatches:
         self._sides = [_aligned(Path(p), self._file, self.path) for p in side_files]
         sizes = [file.metadata.num_rows for _, file, _ in self._sources]
         self.num_rows = sum(sizes)
+        self.rows_by_split = dict(zip([split, *unlabeled], sizes, strict=True))
         self._ranges = [(rank * n // world_size, (rank + 1) * n // world_size) for n in sizes]
         self._rows_per_rank_max = max(sum((r + 1) * n // world_size - r * n // world_size for n in sizes)
                                       for r in range(world_size))

@@ -191,6 +191,11 @@ class Trainer:
         self.lookup = embedding_lookup(cfg.data.path, schema, cfg.data.min_count, cfg.data.unlabeled_splits)
         self.stage = task.stages[0]
         self.train_batches = self._train_batches(self.stage)
+        if cfg.data.unlabeled_splits:
+            rows = self.train_batches.rows_by_split
+            self._log(f"training rows: {rows.pop('train'):,} labeled (train) and "
+                      + ", ".join(f"{n:,} unlabeled ({s})" for s, n in rows.items())
+                      + ", whose labels no loss reads; their ids count towards data.min_count")
         task.set_stage(self.stage)
         self._build_optimizer()
         self.pipeline = (TrainPipelineSparseDist(self.model, self.optimizer, env.device)
