@@ -9,17 +9,23 @@
     python -m benchmarks.elec --dataset ml-1m --ablations elec_gain_logit elec_gain_std   # just these two
     python -m benchmarks.elec --dataset ml-1m --split cold_item --backbones deepfm --record elec_ml-1m_cold-item_unlabeled \
         --skip elec_student_alone elec_student_rep elec_student_both     # + distillation on unlabeled rows
+    python -m benchmarks.elec --dataset ml-100k --backbones deepfm --llm minilm smollm2 --record elec_ml-100k_smollm2 \
+        --skip elec_student_alone elec_student_rep elec_student_both elec_student_unlabeled control_student_unlabeled
+                                                                     # MiniLM and the packaged decoder side by side
 
 Steps, each skipped when its output exists (rerun to resume):
 
-1. adapt the packaged MiniLM to the CTR task (``embedding_jobs.ctr_adapt``) -> runs/models/<ds>-elec;
-2. embed users and items with it (``embedding_jobs.run``, vLLM engine) -> runs/features/<ds>-elec/{user,item};
+1. adapt each --llm to the CTR task (``embedding_jobs.ctr_adapt``) -> runs/models/<ds>-elec (the packaged
+   MiniLM) or runs/models/<ds>-elec-smollm2 (the packaged SmolLM2 decoder, materialised once first);
+2. embed users and items with it (``embedding_jobs.run``, vLLM engine) -> runs/features/<ds>-elec[-smollm2]/{user,item};
 3. train, per backbone and seed (``benchmarks.quality``'s runs, config benchmarks/configs/<ds>.yaml):
    ``base``; ``elec_gain``; ``elec_student_{score,rep,both}`` from that seed's gain network (two-stage);
    ``elec_student_alone`` (no distillation: must equal the base exactly); ``control_student_score`` (score
    distillation from the base model of the same seed: what distillation does without any language model);
    ``elec_student_unlabeled`` and ``control_student_unlabeled``: the same two, distilling on the valid split's
    rows as well (labels unused), so that ids without training rows get student rows of their own.
+   A language model other than MiniLM names its variants with a suffix (``elec_gain_smollm2``, its students
+   ``elec_student_score_smollm2``...); ``base`` and the controls have no language model and are shared.
 
 The table goes to benchmarks/results/elec_<data>.{md,json,png} (<data>: the dataset and its split, as in
 ``benchmarks.quality``): test AUC and logloss, the gain over the base, the share of the gain network's
@@ -47,8 +53,7 @@ from benchmarks.quality import (
     run_one,
 )
 
-TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_s{seed}"
-STUDENT = ["method.name=elec_student", TEACHER]
+LLMS = {"minilm": "", "smollm2": "_smollm2"}  # the variant-name suffix of each language model
 CONTROL = ["method.name=elec_student", "method.elec.teacher_run=runs/bench/{tag}_{backbone}_s{seed}"]
 UNLABELED = "data.unlabeled_splits=[valid]"
 ITEMS_TEACHER = "method.elec.teacher_run=runs/bench/{tag}_{backbone}_elec_gain_items_s{seed}"
@@ -93,19 +98,33 @@ def gain_overrides(tables: Path, inject: str = "fields") -> list[str]:
             f"method.elec.item_table={tables / 'item'}", f"method.elec.inject={inject}"]
 
 
-def variants(tables: Path) -> dict[str, list[str]]:
-    gain = gain_overrides(tables)
+def variants(tables: Path, suffix: str = "") -> dict[str, list[str]]:
+    """The runs of one language model's tables; ``suffix`` names its gain network and students."""
+    student = ["method.name=elec_student",
+               f"method.elec.teacher_run=runs/bench/{{tag}}_{{backbone}}_elec_gain{suffix}_s{{seed}}"]
     return {
         "base": [],
-        "elec_gain": gain,
-        **{f"elec_student_{k}": [*STUDENT, *TERMS[k]] for k in ("score", "rep", "both")},
+        f"elec_gain{suffix}": gain_overrides(tables),
+        **{f"elec_student_{k}{suffix}": [*student, *TERMS[k]] for k in ("score", "rep", "both")},
         "elec_student_alone": ["method.name=elec_student", *TERMS["alone"]],
         # the control: the same score distillation from the base model of the same seed, no language model
         "control_student_score": [*CONTROL, *TERMS["score"]],
         # both also distil on the valid split's rows, labels unused: their cold ids get rows of their own
-        "elec_student_unlabeled": [*STUDENT, *TERMS["score"], UNLABELED],
+        f"elec_student_unlabeled{suffix}": [*student, *TERMS["score"], UNLABELED],
         "control_student_unlabeled": [*CONTROL, *TERMS["score"], UNLABELED],
     }
+
+
+def gain_of(variant: str) -> str:
+    """The gain network a variant's gain is measured against: the one of its language model."""
+    return "elec_gain" + next((x for x in LLMS.values() if x and variant.endswith(x)), "")
+
+
+def note(variant: str) -> str:
+    for llm, suffix in LLMS.items():
+        if suffix and variant.endswith(suffix):
+            return VARIANT_NOTES.get(variant.removesuffix(suffix), "") + f" ({llm} adapted instead of MiniLM)"
+    return VARIANT_NOTES.get(variant, "")
 
 
 def ablations(tables: Path, untuned: Path, profile: Path) -> dict[str, list[str]]:
@@ -155,6 +174,9 @@ def main() -> int:
     p.add_argument("--adapt-budget-s", type=int, default=300, help="time budget of the language-model adaptation")
     p.add_argument("--adapt-rows", type=int, default=20000)
     p.add_argument("--engine", default="vllm", choices=["vllm", "transformers"])
+    p.add_argument("--llm", nargs="+", default=["minilm"], choices=list(LLMS),
+                   help="the language models to adapt, each with its own gain network and students: minilm (packaged "
+                        "encoder), smollm2 (the packaged decoder, materialised once into runs/models/smollm2)")
     p.add_argument("--ablations", nargs="*", default=None, metavar="VARIANT",
                    help="also these ablations (none named: all): injection at the logit, small projection init, item "
                         "vectors only, the untuned MiniLM's vectors, profile-only user texts, joint training")
@@ -168,7 +190,9 @@ def main() -> int:
     args = p.parse_args()
     ds = data_name(args.dataset, args.split)
     args.data = ds
-    data, model = REPO / "runs" / "data" / ds, REPO / "runs" / "models" / f"{ds}-elec"
+    data = REPO / "runs" / "data" / ds
+    models = {llm: REPO / "runs" / "models" / f"{ds}-elec{LLMS[llm].replace('_', '-')}" for llm in args.llm}
+    features = {llm: REPO / "runs" / "features" / f"{ds}-elec{LLMS[llm].replace('_', '-')}" for llm in args.llm}
     tables, untuned = REPO / "runs" / "features" / f"{ds}-elec", REPO / "runs" / "features" / f"{ds}-untuned"
     profile_model, profile = REPO / "runs" / "models" / f"{ds}-elec-profile", REPO / "runs" / "features" / f"{ds}-elec-profile"
     logs = REPO / "runs" / "bench" / "logs"
@@ -179,13 +203,21 @@ def main() -> int:
             p.error(f"unknown ablations {sorted(unknown)}; choose from {sorted(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in args.ablations}
     prepare_data(args.dataset, args.split)
-    step([python(), "-m", "embedding_jobs.ctr_adapt", "--dataset", str(data), "--out", str(model),
-          "--time-budget-s", str(args.adapt_budget_s), "--rows", str(args.adapt_rows), "--no-progress"],
-         model / "report.json", logs / f"adapt_{ds}.log")
-    step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
-          str(tables), "--model", str(model), "--engine", args.engine, "--no-progress"],
-         tables / "item" / "table.parquet", logs / f"embed_{ds}.log")
-    todo, extra = variants(tables), {}
+    todo, extra = {}, {}
+    for llm in args.llm:
+        model, name, base_model = models[llm], f"{ds}{LLMS[llm]}", []
+        if llm != "minilm":
+            folder = REPO / "runs" / "models" / llm
+            step([python(), "-m", "embedding_jobs.materialize", "--model", llm, "--out", str(folder)],
+                 folder / "materialized.json", logs / f"materialize_{llm}.log")
+            base_model = ["--model", str(folder)]
+        step([python(), "-m", "embedding_jobs.ctr_adapt", "--dataset", str(data), "--out", str(model), *base_model,
+              "--time-budget-s", str(args.adapt_budget_s), "--rows", str(args.adapt_rows), "--no-progress"],
+             model / "report.json", logs / f"adapt_{name}.log")
+        step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
+              str(features[llm]), "--model", str(model), "--engine", args.engine, "--no-progress"],
+             features[llm] / "item" / "table.parquet", logs / f"embed_{name}.log")
+        todo.update(variants(features[llm], LLMS[llm]))
     needs = " ".join(" ".join(v) for v in chosen.values())
     if args.ablations is not None and str(untuned) in needs:
         step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
@@ -212,38 +244,40 @@ def main() -> int:
             runs = [run_one(args.dataset, ds, backbone, s, overrides, variant) for s in args.seeds]
             results[backbone][variant] = runs
             print(f"{backbone:<7} {variant:<20} test AUC {fmt([r['test_auc'] for r in runs])}", flush=True)
-    report(args, results, model)
+    report(args, results, models)
     return 0
 
 
-def report(args: argparse.Namespace, results: dict, model: Path) -> None:
-    adapt = json.loads((model / "report.json").read_text())
+def report(args: argparse.Namespace, results: dict, models: dict[str, Path]) -> None:
+    adapts = {llm: json.loads((m / "report.json").read_text()) for llm, m in models.items()}
+    keys = ("valid_auc_before", "valid_auc_head", "valid_auc_after", "rows_used", "steps", "seconds", "kept", "options")
     summary = {"dataset": args.dataset, "data": args.data, "seeds": args.seeds,
                "command": "python -m benchmarks.elec "  # the command that trains these runs
                + " ".join(a for a in sys.argv[1:] if a != "--report-only"), "config": f"benchmarks/configs/{args.dataset.replace('-', '')}.yaml",
-               "adaptation": {k: adapt.get(k) for k in ("valid_auc_before", "valid_auc_head", "valid_auc_after",
-                                                          "rows_used", "steps", "seconds", "kept", "options")},
+               # the first language model's, under the key the records have always had; every one's below
+               "adaptation": {k: next(iter(adapts.values())).get(k) for k in keys},
+               "adaptations": {llm: {k: a.get(k) for k in keys} for llm, a in adapts.items()},
                "environment": environment(), "runs": {
                    b: {v: per_seed(runs) for v, runs in vs.items()} for b, vs in results.items()}}
     stem = RESULTS / (args.record or f"elec_{args.data}")
     write_json(stem.with_suffix(".json"), summary)
-    a = summary["adaptation"]
     lines = [f"# ELEC on {args.data}", "",
              f"Command: `{summary['command']}` (config `{summary['config']}`), seeds {args.seeds}. Each row is "
-             "mean ± std over the seeds; a student of seed s distils the gain network of seed s.", "",
-             "Language-model adaptation (packaged MiniLM, two towers): validation AUC of the language model alone "
-             f"{_f(a['valid_auc_before'])} with an untrained head, {_f(a['valid_auc_head'])} after the head warm "
-             f"start on {a['rows_used']} rows; " + (
-                 f"{_f(a['valid_auc_after'])} after {a['steps']} LoRA steps" if a.get("kept") != "head" else
-                 f"{a['steps']} LoRA steps lowered it, so they were dropped and the base encoder kept")
-             + f" ({a['seconds']:.0f} s in all).", ""]
+             "mean ± std over the seeds; a student of seed s distils the gain network of seed s.", ""]
+    for llm, a in summary["adaptations"].items():
+        lines += [f"Language-model adaptation (packaged {llm}, two towers): validation AUC of the language model alone "
+                  f"{_f(a['valid_auc_before'])} with an untrained head, {_f(a['valid_auc_head'])} after the head warm "
+                  f"start on {a['rows_used']} rows; " + (
+                      f"{_f(a['valid_auc_after'])} after {a['steps']} LoRA steps" if a.get("kept") != "head" else
+                      f"{a['steps']} LoRA steps lowered it, so they were dropped and the base encoder kept")
+                  + f" ({a['seconds']:.0f} s in all).", ""]
     for b, vs in summary["runs"].items():
         base = mean_std(vs["base"]["test_auc"])[0]
-        gain = mean_std(vs["elec_gain"]["test_auc"])[0] - base if "elec_gain" in vs else float("nan")
         lines += [f"## {b}", "", "| variant | test AUC | test logloss | AUC − base | share of the gain kept | best epochs |",
                   "|---|---|---|---|---|---|"]
         for v, r in vs.items():
             delta = mean_std(r["test_auc"])[0] - base
+            gain = mean_std(vs[gain_of(v)]["test_auc"])[0] - base if gain_of(v) in vs else float("nan")
             kept = f"{delta / gain:.0%}" if v.startswith("elec_student") and gain > 0 else ""
             lines.append(f"| {v} | {fmt(r['test_auc'])} | {fmt(r['test_logloss'])} | {delta:+.4f} | {kept} | "
                          f"{r['best_epoch']} |")
@@ -256,7 +290,7 @@ def report(args: argparse.Namespace, results: dict, model: Path) -> None:
                       "(same initialisation, same batches, BCE only)."]
         lines.append("")
     shown = dict.fromkeys(v for vs in summary["runs"].values() for v in vs)
-    lines += ["Variants:", ""] + [f"- `{v}`: {VARIANT_NOTES.get(v, '')}" for v in shown] + [""]
+    lines += ["Variants:", ""] + [f"- `{v}`: {note(v)}" for v in shown] + [""]
     env = summary["environment"]
     lines += [environment_line(env), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
@@ -265,26 +299,26 @@ def report(args: argparse.Namespace, results: dict, model: Path) -> None:
 
 
 def share_table(vs: dict) -> list[str]:
-    """Per regime where the gain network beats the base, the share of that gain each student keeps (mean
-    test AUCs over the seeds)."""
-    if "base" not in vs or "elec_gain" not in vs:
-        return []
-
+    """Per gain network and regime where it beats the base, the share of that gain each student keeps (mean
+    test AUCs over the seeds); the controls are measured against MiniLM's gain network."""
     def auc(v: str, regime: str) -> float | None:
         values = vs[v].get("regimes", {}).get(regime, {}).get("auc", [])
         return mean_std(values)[0] if values and None not in values else None
 
-    regimes = [r for r in REGIMES if r != "all" and auc("base", r) is not None
-               and auc("elec_gain", r) is not None and auc("elec_gain", r) > auc("base", r)]
-    students = [v for v in vs if "student" in v]
-    if not regimes or not students:
-        return []
-    lines = ["", "Share of the gain network's gain over the base that each student keeps, per regime where there is "
-             "one (student − base) / (gain network − base):", "",
-             "| variant | " + " | ".join(r.replace("_", " ") for r in regimes) + " |", "|---|" + "---|" * len(regimes)]
-    for v in students:
-        cells = [f"{(auc(v, r) - auc('base', r)) / (auc('elec_gain', r) - auc('base', r)):.0%}" for r in regimes]
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines: list[str] = []
+    for gain in [v for v in vs if v == gain_of(v)] if "base" in vs else []:
+        regimes = [r for r in REGIMES if r != "all" and auc("base", r) is not None
+                   and auc(gain, r) is not None and auc(gain, r) > auc("base", r)]
+        students = [v for v in vs if "student" in v and gain_of(v) == gain]
+        if not regimes or not students:
+            continue
+        lines += ["", f"Share of {gain}'s gain over the base that each student keeps, per regime where there is "
+                  f"one (student − base) / ({gain} − base):", "",
+                  "| variant | " + " | ".join(r.replace("_", " ") for r in regimes) + " |",
+                  "|---|" + "---|" * len(regimes)]
+        for v in students:
+            cells = [f"{(auc(v, r) - auc('base', r)) / (auc(gain, r) - auc('base', r)):.0%}" for r in regimes]
+            lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -34,9 +34,12 @@ class PlainDeepFM(nn.Module):
             t = self.table_of[k]
             embs.append(self.emb[t](jt.values(), jt.offsets()))
             first = first + self.lin[t](jt.values(), jt.offsets()).squeeze(-1)
-        e = torch.stack(embs, dim=1)  # [B, N, D]
+        return first + self.dense(torch.stack(embs, dim=1))
+
+    def dense(self, e: torch.Tensor) -> torch.Tensor:
+        """The FM and DNN terms of the logit from the stacked field embeddings ``e`` [B, N, D]."""
         fm = 0.5 * (e.sum(1).pow(2) - e.pow(2).sum(1)).sum(1)
-        return first + fm + self.dnn(e.flatten(1)).squeeze(-1)
+        return fm + self.dnn(e.flatten(1)).squeeze(-1)
 
     def loss(self, batch: Batch) -> torch.Tensor:
         logits = self.forward(batch)

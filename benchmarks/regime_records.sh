@@ -166,6 +166,24 @@ elec_unlabeled() {
     --reference elec_student_score --out "compare_${data}_elec_unlabeled_vs_student"
 }
 
+# ELEC with the packaged decoder (SmolLM2-135M-Instruct) beside MiniLM, DeepFM: both adapted with the same budget,
+# each with its gain network and score-distilled student; base and control are shared
+elec_smollm2() {
+  local dataset=$1 data=$2 flags=("${@:3}") record=elec_$2_smollm2
+  $PY -m benchmarks.elec --dataset "$dataset" "${flags[@]}" --backbones deepfm --llm minilm smollm2 --record "$record" \
+    --skip elec_student_alone elec_student_rep elec_student_both elec_student_unlabeled control_student_unlabeled \
+    elec_student_rep_smollm2 elec_student_both_smollm2 elec_student_unlabeled_smollm2
+  $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm --out "compare_${data}_elec_smollm2" \
+    --variants elec_gain elec_gain_smollm2 elec_student_score elec_student_score_smollm2 control_student_score
+  local v
+  for v in elec_gain elec_student_score; do  # the decoder against MiniLM, the same kind of run
+    $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm --variants "${v}_smollm2" \
+      --reference "$v" --out "compare_${data}_${v}_smollm2_vs_minilm"
+  done
+  $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm --variants elec_student_score_smollm2 \
+    --reference control_student_score --out "compare_${data}_elec_smollm2_vs_control"
+}
+
 # SRP4CTR on ML-100K (the one dataset here with time-ordered histories): DIN, each pre-trained variant, and the
 # same architectures without pre-training (pre-training runs train.epochs, 10 in the config, with early stopping)
 srp4ctr() {
@@ -218,13 +236,16 @@ case $what in
   elec) elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
   elec_unlabeled) on ml-1m elec_unlabeled ml-1m ml-1m_cold-item --split cold_item
                   on ml-100k elec_unlabeled ml-100k ml-100k ;;
+  elec_smollm2) on ml-100k elec_smollm2 ml-100k ml-100k
+                on ml-1m elec_smollm2 ml-1m ml-1m_cold-item --split cold_item ;;
   all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
        llactr_tuned ml-1m ml-1m_cold-item full --split cold_item
        llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item
        elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item
        llactr_centered ml-100k ml-100k; llactr_centered ml-1m ml-1m_cold-item --split cold_item
        llactr_llm smollm2 ml-100k ml-100k; llactr_llm smollm2 ml-1m ml-1m_cold-item --split cold_item
-       elec_unlabeled ml-1m ml-1m_cold-item --split cold_item; elec_unlabeled ml-100k ml-100k ;;
-  *) echo "usage: $0 [all|base|llactr|llactr_tuned|llactr_smollm2|llactr_centered|elec|elec_unlabeled|srp4ctr] [ml-100k|ml-1m]" >&2
+       elec_unlabeled ml-1m ml-1m_cold-item --split cold_item; elec_unlabeled ml-100k ml-100k
+       elec_smollm2 ml-100k ml-100k; elec_smollm2 ml-1m ml-1m_cold-item --split cold_item ;;
+  *) echo "usage: $0 [all|base|llactr|llactr_tuned|llactr_smollm2|llactr_centered|elec|elec_unlabeled|elec_smollm2|srp4ctr] [ml-100k|ml-1m]" >&2
      exit 2 ;;
 esac

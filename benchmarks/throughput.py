@@ -8,7 +8,9 @@ optimizer step alone. The two are timed in alternating rounds in one process and
 medians, because these machines are shared and noisy. The 2-rank figure runs the real trainer through
 TorchX (``launch/components.py:train_local``, gloo) and is compared with a 1-rank TorchX run in the same
 invocation. The roofline: the
-dense part's fp32 FLOPs per sample against the matmul rate measured here, in the same run.
+MLP's matrix products alone, in a training step's shapes, timed in each round beside the two models; and
+DeepFM's dense part alone (no lookups, no loading), eager and ``torch.compile``d, as the ceiling a trainer
+could reach.
 Results: benchmarks/results/throughput.{json,md}.
 """
 
@@ -64,14 +66,63 @@ def time_torchrec(trainer, batches: list) -> float:
     return sum(b.batch_size for b in batches) / (time.perf_counter() - start)
 
 
-def matmul_gflops(batch: int, dim: int = 400, reps: int = 20) -> float:
-    a, w = torch.randn(batch, dim), torch.randn(dim, dim)
-    for _ in range(3):
-        a @ w
+def time_dense(schema: PreparedSchema, batch: int, steps: int, compiled: bool) -> tuple[float, float]:
+    """ms per training step of DeepFM's dense part alone (DNN, FM, BCE, Adam) on fixed field embeddings,
+    eager or ``torch.compile``d, and the seconds the first compiled step took: the ceiling for any trainer
+    of this model, since lookups and loading only add to it."""
+    torch.manual_seed(0)
+    model = PlainDeepFM(schema)
+    dense = torch.compile(model.dense) if compiled else model.dense
+    opt = torch.optim.Adam(model.dnn.parameters(), lr=1e-3)
+    e = torch.randn(batch, len(model.keys), 16, requires_grad=True)
+    y = torch.randint(0, 2, (batch,)).float()
+
+    def step() -> None:
+        opt.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(dense(e), y).backward()
+        opt.step()
+
     start = time.perf_counter()
-    for _ in range(reps):
-        a @ w
-    return 2 * batch * dim * dim * reps / (time.perf_counter() - start) / 1e9
+    step()
+    first = time.perf_counter() - start
+    for _ in range(5):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return 1e3 * (time.perf_counter() - start) / steps, first
+
+
+def mlp_matmul_ms(batch: int, num_fields: int, steps: int, dim: int = 16,
+                  hidden: tuple[int, ...] = (400, 400)) -> float:
+    """ms per training step of the MLP's matrix products alone, in the shapes the step computes them: per
+    layer the forward product, the input gradient and the weight gradient. No trainer can take less."""
+    sizes = [num_fields * dim, *hidden, 1]
+    acts = [torch.randn(batch, n) for n in sizes]
+    weights = [torch.randn(b, a) for a, b in zip(sizes, sizes[1:], strict=False)]
+
+    def step() -> None:
+        for x, w, y in zip(acts, weights, acts[1:], strict=False):
+            x @ w.t()  # forward
+            y @ w  # gradient of the input
+            y.t() @ x  # gradient of the weight
+
+    for _ in range(3):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return 1e3 * (time.perf_counter() - start) / steps
+
+
+def compile_verdict(eager_ms: float, compiled_ms: float, compile_s: float, batch: int) -> str:
+    saved = eager_ms - compiled_ms
+    first = f"the first compiled step took {compile_s:.0f} s (a cold compile cache)"
+    if saved <= 0:
+        return f"Compiling saves nothing here ({saved:+.1f} ms per step), and {first}."
+    steps = compile_s * 1e3 / saved
+    return (f"Compiling saves {saved:.1f} ms per step and {first}, so it pays after about {steps:,.0f} steps "
+            f"({steps * batch / 1e6:.1f}M rows at this batch; ML-1M's training split is 0.59M rows an epoch).")
 
 
 def deepfm_flops_per_sample(num_fields: int, dim: int = 16, hidden: tuple[int, ...] = (400, 400)) -> float:
@@ -115,7 +166,9 @@ def main() -> int:
     cfg = load_config(args.config, [f"data.path={args.data}", f"train.out_dir={tmp}", "name=tp",
                                     f"data.batch_size={args.batch_size}", "train.progress=false"])
     trainer = build_trainer(cfg)
-    plain, torchrec = [], []
+    plain, torchrec, dense_eager, dense_compiled, matmul = [], [], [], [], []
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench-inductor-")  # a cold first compile
+    compile_s = time_dense(schema, args.batch_size, 1, compiled=True)[1]
     for r in range(args.rounds):
         batches = _batches(args.data, schema, args.batch_size, args.steps, r)
         warm = batches[: min(5, len(batches))]
@@ -123,18 +176,33 @@ def main() -> int:
         time_plain(schema, warm)
         torchrec.append(time_torchrec(trainer, batches))
         plain.append(time_plain(schema, batches))
-        print(f"round {r + 1}: torchrec {torchrec[-1]:,.0f} samples/s, plain {plain[-1]:,.0f} samples/s", flush=True)
-    gflops = matmul_gflops(args.batch_size)
+        dense_eager.append(time_dense(schema, args.batch_size, args.steps // 2, compiled=False)[0])
+        dense_compiled.append(time_dense(schema, args.batch_size, args.steps // 2, compiled=True)[0])
+        matmul.append(mlp_matmul_ms(args.batch_size, len(schema.sparse_fields), args.steps // 2))
+        print(f"round {r + 1}: torchrec {torchrec[-1]:,.0f} samples/s, plain {plain[-1]:,.0f} samples/s, dense part "
+              f"alone {dense_eager[-1]:.1f} ms/step eager, {dense_compiled[-1]:.1f} compiled", flush=True)
     flops = deepfm_flops_per_sample(len(schema.sparse_fields))
-    bound = gflops * 1e9 / flops
+    # the bound of each round from that round's matrix products, so that a slow spell of the shared machine
+    # slows both sides of a fraction; fractions are medians of the rounds' fractions
+    bound_ms = statistics.median(matmul)
+    bound = 1e3 * args.batch_size / bound_ms
+    gflops = flops * bound / 1e9
     tr, pl = statistics.median(torchrec), statistics.median(plain)
+    de, dc = statistics.median(dense_eager), statistics.median(dense_compiled)
+
+    def share(rates: list[float]) -> float:
+        return statistics.median(m * r / (1e3 * args.batch_size) for m, r in zip(matmul, rates, strict=True))
+
+    tr_share, pl_share = share(torchrec), share(plain)
     result = {
         "command": "python -m benchmarks.throughput " + " ".join(sys.argv[1:]),
         "dataset": schema.name, "batch_size": args.batch_size, "steps_per_round": args.steps,
         "torchrec_samples_per_s": torchrec, "plain_samples_per_s": plain,
         "ratio_torchrec_over_plain": tr / pl,
-        "matmul_gflops_measured": gflops, "dense_flops_per_sample": flops, "dense_bound_samples_per_s": bound,
-        "torchrec_fraction_of_bound": tr / bound, "plain_fraction_of_bound": pl / bound, "peak_rss_mb_both_models": resource.getrusage(
+        "mlp_matmul_ms_per_step": matmul, "matmul_gflops_measured": gflops, "dense_flops_per_sample": flops, "dense_bound_samples_per_s": bound,
+        "torchrec_fraction_of_bound": tr_share, "plain_fraction_of_bound": pl_share,
+        "dense_alone_ms_eager": dense_eager, "dense_alone_ms_compiled": dense_compiled,
+        "dense_alone_compile_s": compile_s, "peak_rss_mb_both_models": resource.getrusage(
             resource.RUSAGE_SELF).ru_maxrss / 1024,
         "environment": environment(),
     }
@@ -148,15 +216,26 @@ def main() -> int:
              f"| plain PyTorch DeepFM (nn.EmbeddingBag, Adam) | {pl:,.0f} | "
              + ", ".join(f"{x:,.0f}" for x in plain) + " |", "",
              f"Ratio TorchRec / plain: **{tr / pl:.2f}**.", "",
-             f"Roofline: the MLP costs {flops / 1e6:.2f} MFLOP per training sample; fp32 matmul of the MLP's shape "
-             f"ran at {gflops:.0f} GFLOP/s here, so the dense part alone caps training near {bound:,.0f} samples/s; "
-             f"TorchRec reaches {tr / bound:.0%} of that bound.", "",
+             f"Roofline: the MLP costs {flops / 1e6:.2f} MFLOP per training sample. Its matrix products alone, in "
+             f"the step's shapes (forward, input and weight gradients), took {bound_ms:.1f} ms per step here "
+             f"(rounds: {', '.join(f'{x:.1f}' for x in matmul)}; {gflops:.0f} GFLOP/s), so the dense part alone "
+             f"caps training near {bound:,.0f} samples/s. TorchRec reaches **{tr_share:.0%}** of that bound, plain "
+             f"PyTorch {pl_share:.0%} (medians of each round's share, the bound measured in the same round).", "",
              # why a fixed multiple of plain PyTorch is not a free target: both pay for the same MLP
-             f"Plain PyTorch reaches {pl / bound:.0%} of the same bound, so 1.5x plain ({1.5 * pl:,.0f} samples/s) "
-             f"would need {1.5 * pl / bound:.0%} of it: the MLP's arithmetic alone takes "
-             f"{1e3 * args.batch_size / bound:.1f} ms of such a {1e3 * args.batch_size / (1.5 * pl):.1f} ms step, "
-             f"leaving {1e3 * args.batch_size * (1 / (1.5 * pl) - 1 / bound):.1f} ms for the lookups, interaction, "
-             "loss, optimizers and loading (`profile.md` gives their cost).", ""]
+             f"So 1.5x plain ({1.5 * pl:,.0f} samples/s) would need {1.5 * pl_share:.0%} of the bound: the MLP's "
+             f"products alone take {bound_ms:.1f} ms of such a {1e3 * args.batch_size / (1.5 * pl):.1f} ms step, "
+             f"leaving {1e3 * args.batch_size / (1.5 * pl) - bound_ms:.1f} ms for the lookups, interaction, "
+             "loss, optimizers and loading (`profile.md` gives their cost).", "",
+             "| DeepFM's dense part alone (DNN, FM, BCE, Adam; fixed embeddings) | ms per step (median) | rounds | "
+             "share of the bound |", "|---|---|---|---|",
+             f"| eager | {de:.1f} | " + ", ".join(f"{x:.1f}" for x in dense_eager) + f" | {bound_ms / de:.0%} |",
+             f"| `torch.compile` | {dc:.1f} | " + ", ".join(f"{x:.1f}" for x in dense_compiled)
+             + f" | {bound_ms / dc:.0%} |", "",
+             # what a compiled dense part could buy the trainer, and what it costs to get
+             compile_verdict(de, dc, compile_s, args.batch_size),
+             f"With no lookups or loading at all, the faster of the two would run at "
+             f"{1e3 * args.batch_size / min(de, dc):,.0f} samples/s: {1e3 * args.batch_size / min(de, dc) / pl:.2f}x "
+             "plain.", ""]
     if "ranks" in result:
         rk = result["ranks"]
         lines += ["| ranks (TorchX local_cwd, gloo, same global batch) | samples/s | peak RSS rank 0 (MB) |", "|---|---|---|",
