@@ -197,6 +197,8 @@ def main() -> int:
     profile_model, profile = REPO / "runs" / "models" / f"{ds}-elec-profile", REPO / "runs" / "features" / f"{ds}-elec-profile"
     logs = REPO / "runs" / "bench" / "logs"
     chosen = ablations(tables, untuned, profile)
+    for llm in (llm for llm in args.llm if LLMS[llm]):  # late fusion on each other model's vectors as well
+        chosen[f"elec_gain_logit{LLMS[llm]}"] = gain_overrides(features[llm], "logit")
     if args.ablations:  # named ones only
         unknown = set(args.ablations) - set(chosen)
         if unknown:

@@ -172,7 +172,8 @@ elec_smollm2() {
   local dataset=$1 data=$2 flags=("${@:3}") record=elec_$2_smollm2
   $PY -m benchmarks.elec --dataset "$dataset" "${flags[@]}" --backbones deepfm --llm minilm smollm2 --record "$record" \
     --skip elec_student_alone elec_student_rep elec_student_both elec_student_unlabeled control_student_unlabeled \
-    elec_student_rep_smollm2 elec_student_both_smollm2 elec_student_unlabeled_smollm2
+    elec_student_rep_smollm2 elec_student_both_smollm2 elec_student_unlabeled_smollm2 \
+    --ablations elec_gain_logit elec_gain_logit_smollm2
   $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm --out "compare_${data}_elec_smollm2" \
     --variants elec_gain elec_gain_smollm2 elec_student_score elec_student_score_smollm2 control_student_score
   local v
@@ -182,6 +183,11 @@ elec_smollm2() {
   done
   $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm --variants elec_student_score_smollm2 \
     --reference control_student_score --out "compare_${data}_elec_smollm2_vs_control"
+  # late fusion (the default injection) on each model's vectors
+  $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm \
+    --variants elec_gain_logit elec_gain_logit_smollm2 --out "compare_${data}_elec_logit_smollm2"
+  $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm --variants elec_gain_logit_smollm2 \
+    --reference elec_gain_logit --out "compare_${data}_elec_logit_smollm2_vs_minilm"
 }
 
 # SRP4CTR on ML-100K (the one dataset here with time-ordered histories): DIN, each pre-trained variant, and the
