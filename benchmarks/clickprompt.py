@@ -3,6 +3,7 @@ model and language model together), per regime over seeds, and whether the promp
 
     python -m benchmarks.clickprompt --dataset ml-100k --backbones deepfm dcnv2 autoint --seeds 1 2 3
     python -m benchmarks.clickprompt --dataset ml-100k --joint-seeds 1        # mode (a): one seed, on a budget
+    python -m benchmarks.clickprompt --dataset ml-100k --backbones autoint --joint-seeds --record clickprompt_ml-100k_autoint
 
 Steps, each skipped when its output exists (rerun to resume):
 
@@ -156,6 +157,8 @@ def main() -> int:
                    "the whole validation split through the PLM)")
     p.add_argument("--probe-batches", type=int, default=30)
     p.add_argument("--latency-rounds", type=int, default=100, help="serving rounds at batch 1 (4,096: a 20th)")
+    p.add_argument("--record", default=None,
+                   help="the record's name in benchmarks/results (default clickprompt_<data>; another keeps that one)")
     args = p.parse_args()
     data = data_name(args.dataset, args.split)
     prepare_data(args.dataset, args.split)
@@ -197,7 +200,7 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
                "environment": environment(), "probes": probes, "serving_cost": cost,
                "runs": {b: {v: per_seed(runs) for v, runs in vs.items()} for b, vs in results.items()},
                "stages": {b: _stage_histories(data, b, args.seeds[0]) for b in results}}
-    stem = RESULTS / f"clickprompt_{data}"
+    stem = RESULTS / (args.record or f"clickprompt_{data}")
     write_json(stem.with_suffix(".json"), summary)
     bud = summary["budget"]
     lines = [f"# ClickPrompt on {data}", "", f"Command: `{summary['command']}`. Seeds {args.seeds} (mode (a): "

@@ -384,3 +384,28 @@ def test_unlabeled_rows_are_refused_where_nothing_learns_from_them(ml100k_tables
     with pytest.raises(ConfigError, match="name other splits than train"):
         build_trainer(_cfg(data, tmp_path, "c", "method.name=elec_student", f"method.elec.teacher_run={run}",
                            "data.unlabeled_splits=[train]"))
+
+
+def test_the_benchmarks_students_distil_their_own_language_models_gain_network():
+    """benchmarks.elec names each language model's runs with a suffix: a student that silently distilled another
+    model's gain network (or the base) would make the MiniLM-against-SmolLM2 record compare the wrong runs."""
+    from benchmarks.elec import LLMS, gain_of, variants
+    from benchmarks.quality import run_name
+
+    def teacher(overrides: list[str]) -> str | None:
+        runs = [o.split("=", 1)[1] for o in overrides if o.startswith("method.elec.teacher_run=")]
+        return runs[0].format(tag="ml100k", backbone="deepfm", seed=3) if runs else None
+
+    shared = None
+    for suffix in LLMS.values():
+        vs = variants(Path("tables"), suffix)
+        for name, overrides in vs.items():
+            if name.startswith("elec_student") and name != "elec_student_alone":
+                assert gain_of(name) == f"elec_gain{suffix}" and gain_of(name) in vs
+                assert teacher(overrides) == f"runs/bench/{run_name('ml-100k', 'deepfm', 3, gain_of(name))}"
+            if name.startswith("control"):
+                assert teacher(overrides) == f"runs/bench/{run_name('ml-100k', 'deepfm', 3)}"
+        # the runs without a language model are the same runs for every language model
+        mine = {k: v for k, v in vs.items() if k == "base" or k.startswith("control") or k == "elec_student_alone"}
+        assert shared in (None, mine)
+        shared = mine
