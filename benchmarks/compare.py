@@ -116,11 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", nargs="+", required=True)
     p.add_argument("--reference", default="base", help="what the variants are compared with (default: base)")
     p.add_argument("--record", default=None, help="read variants (and a non-base reference) from this record")
+    p.add_argument("--reference-record", default=None,
+                   help="read a non-base reference from this record instead (default: --record). Pairing runs of two "
+                        "records by seed is sound only if both trained the same base model: their base runs must "
+                        "agree seed by seed, or the comparison is refused")
     p.add_argument("--backbones", nargs="*", default=None, help="default: every backbone both have")
     p.add_argument("--out", default=None, help="output name (default compare_<data>[_vs_<reference>])")
     args = p.parse_args(argv)
-    reference = load_runs(args.data, args.reference, args.record)
+    reference = load_runs(args.data, args.reference, args.reference_record or args.record)
     variants = {v: load_runs(args.data, v, args.record) for v in args.variants}
+    if args.reference_record and args.record and args.reference_record != args.record:
+        same_base(args.data, args.record, args.reference_record)
     backbones = args.backbones or [b for b in reference["backbones"]
                                    if any(b in v["backbones"] for v in variants.values())]
     table: dict[str, dict[str, dict]] = {}
@@ -155,6 +161,20 @@ def main(argv: list[str] | None = None) -> int:
     plot(table, RESULTS / f"{out}.png", args.reference)
     print("\n".join(lines))
     return 0
+
+
+def same_base(data: str, record: str, other: str) -> None:
+    """Refuse to pair two records whose base runs differ on a shared backbone and seed (another config, data or
+    code): their seeds would not name the same starting point."""
+    runs = [json.loads((RESULTS / f"{r}.json").read_text()) for r in (record, other)]
+    bases = [{b: dict(zip(r["seeds"], vs["base"]["test_auc"], strict=True)) for b, vs in r["runs"].items()
+              if "base" in vs} for r in runs]
+    for b in set(bases[0]) & set(bases[1]):
+        for seed in set(bases[0][b]) & set(bases[1][b]):
+            x, y = bases[0][b][seed], bases[1][b][seed]
+            if abs(x - y) > 1e-6:
+                raise SystemExit(f"{record}.json and {other}.json trained different base models ({b}, seed {seed}: "
+                                 f"test AUC {x:.6f} against {y:.6f}), so their runs cannot be paired by seed on {data}")
 
 
 def fmt_mean(record: dict, backbone: str) -> str:

@@ -190,6 +190,25 @@ elec_smollm2() {
     --reference elec_gain_logit --out "compare_${data}_elec_logit_smollm2_vs_minilm"
 }
 
+# The same on a dataset where one session cannot train MiniLM's side again (ML-1M: about two hours for SmolLM2's
+# side alone on 2 cores): SmolLM2's runs only, paired by seed with MiniLM's runs of an earlier record ($3); compare
+# refuses the pairing unless both records' base runs agree seed by seed
+elec_smollm2_only() {
+  local dataset=$1 data=$2 minilm=$3 flags=("${@:4}") record=elec_$2_smollm2
+  $PY -m benchmarks.elec --dataset "$dataset" "${flags[@]}" --backbones deepfm --llm smollm2 --record "$record" \
+    --skip elec_student_alone control_student_score control_student_unlabeled \
+    elec_student_rep_smollm2 elec_student_both_smollm2 elec_student_unlabeled_smollm2 \
+    --ablations elec_gain_logit_smollm2
+  $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm --out "compare_${data}_elec_smollm2" \
+    --variants elec_gain_smollm2 elec_student_score_smollm2 elec_gain_logit_smollm2
+  local v
+  for v in elec_gain elec_student_score control_student_score; do
+    $PY -m benchmarks.compare --data "$data" --record "$record" --reference-record "$minilm" --backbones deepfm \
+      --variants "elec_gain_smollm2" "elec_student_score_smollm2" --reference "$v" \
+      --out "compare_${data}_elec_smollm2_vs_${v}"
+  done
+}
+
 # SRP4CTR on ML-100K (the one dataset here with time-ordered histories): DIN, each pre-trained variant, and the
 # same architectures without pre-training (pre-training runs train.epochs, 10 in the config, with early stopping)
 srp4ctr() {
@@ -243,7 +262,7 @@ case $what in
   elec_unlabeled) on ml-1m elec_unlabeled ml-1m ml-1m_cold-item --split cold_item
                   on ml-100k elec_unlabeled ml-100k ml-100k ;;
   elec_smollm2) on ml-100k elec_smollm2 ml-100k ml-100k
-                on ml-1m elec_smollm2 ml-1m ml-1m_cold-item --split cold_item ;;
+                on ml-1m elec_smollm2_only ml-1m ml-1m_cold-item elec_ml-1m_cold-item_unlabeled --split cold_item ;;
   all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
        llactr_tuned ml-1m ml-1m_cold-item full --split cold_item
        llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item
@@ -251,7 +270,8 @@ case $what in
        llactr_centered ml-100k ml-100k; llactr_centered ml-1m ml-1m_cold-item --split cold_item
        llactr_llm smollm2 ml-100k ml-100k; llactr_llm smollm2 ml-1m ml-1m_cold-item --split cold_item
        elec_unlabeled ml-1m ml-1m_cold-item --split cold_item; elec_unlabeled ml-100k ml-100k
-       elec_smollm2 ml-100k ml-100k; elec_smollm2 ml-1m ml-1m_cold-item --split cold_item ;;
+       elec_smollm2 ml-100k ml-100k
+       elec_smollm2_only ml-1m ml-1m_cold-item elec_ml-1m_cold-item_unlabeled --split cold_item ;;
   *) echo "usage: $0 [all|base|llactr|llactr_tuned|llactr_smollm2|llactr_centered|elec|elec_unlabeled|elec_smollm2|srp4ctr] [ml-100k|ml-1m]" >&2
      exit 2 ;;
 esac

@@ -223,3 +223,26 @@ def test_ml100k_time_split_is_mostly_cold_users(tmp_path):
     for split in ("valid", "test"):
         cold = prepared.stats["regime_rows"][split]["cold_user"] / prepared.counts[split]
         assert 0.8 < cold < 0.9, cold  # ~86%: the time split's later rows are mostly new users
+
+
+def test_runs_of_two_records_are_paired_only_when_their_base_runs_agree(tmp_path, monkeypatch):
+    import benchmarks.compare as compare
+
+    monkeypatch.setattr(compare, "RESULTS", tmp_path)
+
+    def record(name: str, base: list[float], variant: str) -> None:
+        runs = {"base": {"test_auc": base}, variant: {"test_auc": [0.7, 0.71, 0.72] if variant == "new" else
+                                                      [0.72, 0.73, 0.735]}}
+        (tmp_path / f"{name}.json").write_text(json.dumps({"seeds": [1, 2, 3], "command": name,
+                                                           "runs": {"deepfm": runs}}))
+
+    record("a", [0.80, 0.81, 0.82], "new")
+    record("b", [0.80, 0.81, 0.82], "old")
+    argv = ["--data", "d", "--record", "a", "--variants", "new", "--reference", "old", "--reference-record", "b",
+            "--out", "pair"]
+    assert compare.main(argv) == 0
+    assert json.loads((tmp_path / "pair.json").read_text())["table"]["deepfm"]["new"]["all"]["mean"] == \
+        pytest.approx(-0.055 / 3)
+    record("b", [0.80, 0.8105, 0.82], "old")  # another base model: seed 2 differs
+    with pytest.raises(SystemExit, match="seed 2"):
+        compare.main(argv)
