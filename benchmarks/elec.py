@@ -115,16 +115,21 @@ def variants(tables: Path, suffix: str = "") -> dict[str, list[str]]:
     }
 
 
+def llm_of(variant: str) -> str:
+    """The language model whose vectors a variant's runs read (MiniLM's variants carry no suffix)."""
+    return next((llm for llm, suffix in LLMS.items() if suffix and variant.endswith(suffix)), "minilm")
+
+
 def gain_of(variant: str) -> str:
     """The gain network a variant's gain is measured against: the one of its language model."""
-    return "elec_gain" + next((x for x in LLMS.values() if x and variant.endswith(x)), "")
+    return "elec_gain" + LLMS[llm_of(variant)]
 
 
 def note(variant: str) -> str:
-    for llm, suffix in LLMS.items():
-        if suffix and variant.endswith(suffix):
-            return VARIANT_NOTES.get(variant.removesuffix(suffix), "") + f" ({llm} adapted instead of MiniLM)"
-    return VARIANT_NOTES.get(variant, "")
+    llm = llm_of(variant)
+    if llm == "minilm":
+        return VARIANT_NOTES.get(variant, "")
+    return VARIANT_NOTES.get(variant.removesuffix(LLMS[llm]), "") + f" ({llm} adapted instead of MiniLM)"
 
 
 def ablations(tables: Path, untuned: Path, profile: Path) -> dict[str, list[str]]:
@@ -191,8 +196,9 @@ def main() -> int:
     ds = data_name(args.dataset, args.split)
     args.data = ds
     data = REPO / "runs" / "data" / ds
-    models = {llm: REPO / "runs" / "models" / f"{ds}-elec{LLMS[llm].replace('_', '-')}" for llm in args.llm}
-    features = {llm: REPO / "runs" / "features" / f"{ds}-elec{LLMS[llm].replace('_', '-')}" for llm in args.llm}
+    names = {llm: f"{ds}-elec{LLMS[llm].replace('_', '-')}" for llm in args.llm}  # <ds>-elec[-smollm2]
+    models = {llm: REPO / "runs" / "models" / names[llm] for llm in args.llm}
+    features = {llm: REPO / "runs" / "features" / names[llm] for llm in args.llm}
     tables, untuned = REPO / "runs" / "features" / f"{ds}-elec", REPO / "runs" / "features" / f"{ds}-untuned"
     profile_model, profile = REPO / "runs" / "models" / f"{ds}-elec-profile", REPO / "runs" / "features" / f"{ds}-elec-profile"
     logs = REPO / "runs" / "bench" / "logs"

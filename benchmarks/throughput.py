@@ -82,22 +82,14 @@ def time_dense(schema: PreparedSchema, batch: int, steps: int, compiled: bool) -
         torch.nn.functional.binary_cross_entropy_with_logits(dense(e), y).backward()
         opt.step()
 
-    start = time.perf_counter()
-    step()
-    first = time.perf_counter() - start
-    for _ in range(5):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return 1e3 * (time.perf_counter() - start) / steps, first
+    first = _ms_per_step(step, 1, warmup=0) / 1e3
+    return _ms_per_step(step, steps), first
 
 
-def mlp_matmul_ms(batch: int, num_fields: int, steps: int, dim: int = 16,
-                  hidden: tuple[int, ...] = (400, 400)) -> float:
+def mlp_matmul_ms(batch: int, num_fields: int, steps: int) -> float:
     """ms per training step of the MLP's matrix products alone, in the shapes the step computes them: per
     layer the forward product, the input gradient and the weight gradient. No trainer can take less."""
-    sizes = [num_fields * dim, *hidden, 1]
+    sizes = mlp_sizes(num_fields)
     acts = [torch.randn(batch, n) for n in sizes]
     weights = [torch.randn(b, a) for a, b in zip(sizes, sizes[1:], strict=False)]
 
@@ -107,7 +99,11 @@ def mlp_matmul_ms(batch: int, num_fields: int, steps: int, dim: int = 16,
             y @ w  # gradient of the input
             y.t() @ x  # gradient of the weight
 
-    for _ in range(3):
+    return _ms_per_step(step, steps)
+
+
+def _ms_per_step(step, steps: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
         step()
     start = time.perf_counter()
     for _ in range(steps):
@@ -125,9 +121,14 @@ def compile_verdict(eager_ms: float, compiled_ms: float, compile_s: float, batch
             f"({steps * batch / 1e6:.1f}M rows at this batch; ML-1M's training split is 0.59M rows an epoch).")
 
 
-def deepfm_flops_per_sample(num_fields: int, dim: int = 16, hidden: tuple[int, ...] = (400, 400)) -> float:
+def mlp_sizes(num_fields: int, dim: int = 16, hidden: tuple[int, ...] = (400, 400)) -> list[int]:
+    """The widths of DeepFM's MLP, input to logit (the default config's)."""
+    return [num_fields * dim, *hidden, 1]
+
+
+def deepfm_flops_per_sample(num_fields: int) -> float:
     """Dense fp32 FLOPs of one training sample (forward + backward = 3x forward) of the MLP."""
-    sizes = [num_fields * dim, *hidden, 1]
+    sizes = mlp_sizes(num_fields)
     fwd = sum(2 * a * b for a, b in zip(sizes, sizes[1:], strict=False))
     return 3.0 * fwd
 
