@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 what=${1:-all}
 only=${2:-}  # a dataset (ml-100k, ml-1m): run only its part of a record that covers both
+ALL_BACKBONES="fm deepfm dcnv2 wukong finalmlp autoint"
 
 base() {
   $PY -m benchmarks.quality --dataset ml-100k
@@ -65,16 +66,23 @@ llactr() {
 }
 
 # LLaCTR with the loss weights chosen on validation (benchmarks.llactr_sweep, one seed, the reference's sum
-# reduction), 5 seeds, against the same weights on the random table and against the base; $4 the adaptor
-# (full: w = A s + b; scalar: w = a s + b, where only the similarities can tell the pairs apart)
+# reduction), 5 seeds, against the same weights on the random table and against the base; $3 the adaptor
+# (full: w = A s + b; scalar: w = a s + b, where only the similarities can tell the pairs apart), $4 the
+# backbones (one word), then the split flags. Backbones the sweep's record lacks are swept by coordinate search
+# (11 cells of the 6x6 grid; DeepFM and DCNv2 on ML-1M cold-item have the whole grid)
 llactr_tuned() {
-  local dataset=$1 data=$2 adaptor=$3 flags=("${@:4}")
+  local dataset=$1 data=$2 adaptor=$3 flags=("${@:5}") backbones missing
+  read -ra backbones <<< "$4"
   local suffix=${adaptor/full/tuned}
   local features=runs/features/$data sweep=benchmarks/results/llactr_sweep_$data.json
   llactr_tables "$dataset" "$data" "${flags[@]}"
-  [ -f "$sweep" ] || $PY -m benchmarks.llactr_sweep --dataset "$dataset" "${flags[@]}" --backbones deepfm dcnv2 \
-    --field-table "$features/field"
-  for b in deepfm dcnv2; do
+  missing=$($PY -c "import json, pathlib, sys; p = pathlib.Path('$sweep')
+have = json.loads(p.read_text())['backbones'] if p.is_file() else {}
+print(' '.join(b for b in sys.argv[1:] if b not in have))" "${backbones[@]}")
+  # shellcheck disable=SC2086
+  [ -z "$missing" ] || $PY -m benchmarks.llactr_sweep --dataset "$dataset" "${flags[@]}" --backbones $missing \
+    --field-table "$features/field" --search coordinate
+  for b in "${backbones[@]}"; do
     local chosen
     chosen=$($PY -c "import json; c = json.load(open('$sweep'))['backbones']['$b']['chosen']
 print(f\"method.llactr.lambda_loss={c['lambda_loss']} method.llactr.lambda_llm={c['lambda_llm']}\")")
@@ -86,9 +94,9 @@ print(f\"method.llactr.lambda_loss={c['lambda_loss']} method.llactr.lambda_llm={
     done
   done
   $PY -m benchmarks.compare --data "$data" --variants "llactr_$suffix" "llactr_random_$suffix" \
-    --backbones deepfm dcnv2 --out "compare_${data}_llactr_$suffix"
+    --backbones "${backbones[@]}" --out "compare_${data}_llactr_$suffix"
   $PY -m benchmarks.compare --data "$data" --variants "llactr_$suffix" --reference "llactr_random_$suffix" \
-    --backbones deepfm dcnv2 --out "compare_${data}_llactr_${suffix}_vs_random"
+    --backbones "${backbones[@]}" --out "compare_${data}_llactr_${suffix}_vs_random"
 }
 
 # LLaCTR on the packaged decoder LLM's field table (issue 17) at the defaults of the MiniLM record (llactr):
@@ -245,14 +253,19 @@ srp4ctr() {
     --reference srp_both --out compare_ml-100k_srp_concat_vs_sum
 }
 
-# $1 a dataset, then a command: run it unless another dataset was asked for
-on() { [ -z "$only" ] || [ "$only" = "$1" ] || return 0; "${@:2}"; }
+# $1 a part's name, then a command: run it unless another part was asked for (ml-1m: every ml-1m* part)
+on() { [ -z "$only" ] || [[ $1 == "$only"* ]] || return 0; "${@:2}"; }
 
 case $what in
   base) base ;;
   srp4ctr) srp4ctr ;;
-  llactr_tuned) llactr_tuned ml-1m ml-1m_cold-item full --split cold_item
-                llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item ;;
+  llactr_tuned) llactr_tuned ml-1m ml-1m_cold-item full "deepfm dcnv2" --split cold_item
+                llactr_tuned ml-1m ml-1m_cold-item scalar "deepfm dcnv2" --split cold_item ;;
+  # every backbone with weights tuned per dataset (issue 18); a dataset's part alone: ml-100k, ml-1m (both
+  # splits), ml-1m_cold-item
+  llactr_tuned_all) on ml-100k llactr_tuned ml-100k ml-100k full "$ALL_BACKBONES"
+                    on ml-1m_cold-item llactr_tuned ml-1m ml-1m_cold-item full "$ALL_BACKBONES" --split cold_item
+                    on ml-1m_random llactr_tuned ml-1m ml-1m full "$ALL_BACKBONES" ;;
   llactr) llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item ;;
   llactr_centered) on ml-100k llactr_centered ml-100k ml-100k
                    on ml-1m llactr_centered ml-1m ml-1m_cold-item --split cold_item ;;
@@ -264,8 +277,8 @@ case $what in
   elec_smollm2) on ml-100k elec_smollm2 ml-100k ml-100k
                 on ml-1m elec_smollm2_only ml-1m ml-1m_cold-item elec_ml-1m_cold-item_unlabeled --split cold_item ;;
   all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
-       llactr_tuned ml-1m ml-1m_cold-item full --split cold_item
-       llactr_tuned ml-1m ml-1m_cold-item scalar --split cold_item
+       llactr_tuned ml-1m ml-1m_cold-item full "deepfm dcnv2" --split cold_item
+       llactr_tuned ml-1m ml-1m_cold-item scalar "deepfm dcnv2" --split cold_item
        elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item
        llactr_centered ml-100k ml-100k; llactr_centered ml-1m ml-1m_cold-item --split cold_item
        llactr_llm smollm2 ml-100k ml-100k; llactr_llm smollm2 ml-1m ml-1m_cold-item --split cold_item
