@@ -284,7 +284,8 @@ case $what in
        llactr_llm smollm2 ml-100k ml-100k; llactr_llm smollm2 ml-1m ml-1m_cold-item --split cold_item
        elec_unlabeled ml-1m ml-1m_cold-item --split cold_item; elec_unlabeled ml-100k ml-100k
        elec_smollm2 ml-100k ml-100k
-       elec_smollm2_only ml-1m ml-1m_cold-item elec_ml-1m_cold-item_unlabeled --split cold_item ;;
+       elec_smollm2_only ml-1m ml-1m_cold-item elec_ml-1m_cold-item_unlabeled --split cold_item
+       llactr_tuned ml-100k ml-100k full "$ALL_BACKBONES" ;;
   *) echo "usage: $0 [all|base|llactr|llactr_tuned|llactr_smollm2|llactr_centered|elec|elec_unlabeled|elec_smollm2|srp4ctr] [ml-100k|ml-1m]" >&2
      exit 2 ;;
 esac
