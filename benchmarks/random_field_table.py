@@ -1,8 +1,13 @@
-"""A control for LLaCTR: a field table of seeded random vectors, in place of the language model's.
+"""A control for LLaCTR and ELEC: a feature table of seeded random vectors, in place of the language model's.
 
     python -m benchmarks.random_field_table --like runs/features/ml-100k/field --out runs/features/ml-100k-random
     python -m benchmarks.quality --dataset ml-100k --backbones deepfm --variant llactr_random method.name=llactr \
         method.llactr.field_table=runs/features/ml-100k-random/field
+    python -m benchmarks.random_field_table --like runs/features/ml-1m_cold-item-elec/user \
+        --out runs/features/ml-1m_cold-item-elec-random      # ELEC's user (or item) table
+
+A user or item table (ELEC's) keeps each key's vector norm and gets a random direction: the gain network sees
+vectors of the real scale that carry no text. A field table's vectors are L2-normalised like the real ones.
 
 The table has the same keys, size and dataset fingerprint as ``--like`` (so training accepts it), and
 vectors drawn from a standard normal with ``--seed``, L2-normalised like the real ones. Random vectors of
@@ -26,21 +31,25 @@ from recsys.features.reader import read_file, table_files
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--like", required=True, help="a field table (folder or file) whose keys and metadata to copy")
-    p.add_argument("--out", required=True, help="features folder; the table goes to OUT/field/table.parquet")
+    p.add_argument("--like", required=True,
+                   help="a field, user or item table (folder or file) whose keys and metadata to copy")
+    p.add_argument("--out", required=True, help="features folder; the table goes to OUT/<entity>/table.parquet")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     files = table_files(args.like)
-    meta, keys, _ = read_file(files[0])
-    if meta.entity != "field" or len(files) != 1:
-        raise SystemExit(f"{args.like}: expected one merged field table, got entity {meta.entity!r} in {len(files)} files")
+    meta, keys, real = read_file(files[0])
+    if meta.entity not in ("field", "user", "item") or len(files) != 1:
+        raise SystemExit(f"{args.like}: expected one merged field, user or item table, got entity {meta.entity!r} "
+                         f"in {len(files)} files")
     vectors = np.random.default_rng(args.seed).standard_normal((len(keys), meta.dim)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    out = Path(args.out) / "field"
+    if meta.entity != "field":  # the real vectors' norms
+        vectors *= np.linalg.norm(np.asarray(real, dtype=np.float32), axis=1, keepdims=True)
+    out = Path(args.out) / meta.entity
     out.mkdir(parents=True, exist_ok=True)
     control = dataclasses.replace(meta, model_name="random-control", model_path="", weights_hash=f"seed-{args.seed}")
     write_table_file(out / "table.parquet", keys, vectors, control)
-    print(f"wrote {out / 'table.parquet'}: {len(keys)} random field vectors of dim {meta.dim} (seed {args.seed})")
+    print(f"wrote {out / 'table.parquet'}: {len(keys)} random {meta.entity} vectors of dim {meta.dim} (seed {args.seed})")
     return 0
 
 
