@@ -26,6 +26,9 @@ Steps, each skipped when its output exists (rerun to resume):
    rows as well (labels unused), so that ids without training rows get student rows of their own.
    A language model other than MiniLM names its variants with a suffix (``elec_gain_smollm2``, its students
    ``elec_student_score_smollm2``...); ``base`` and the controls have no language model and are shared.
+   The ablations ``elec_gain_random<suffix>`` and ``elec_gain_logit_random<suffix>`` are the gain network's
+   control: that model's user and item tables with each vector's direction redrawn at random (its norm kept;
+   ``benchmarks.random_field_table``), so what they gain is not the language model's.
 
 The table goes to benchmarks/results/elec_<data>.{md,json,png} (<data>: the dataset and its split, as in
 ``benchmarks.quality``): test AUC and logloss, the gain over the base, the share of the gain network's
@@ -205,6 +208,10 @@ def main() -> int:
     chosen = ablations(tables, untuned, profile)
     for llm in (llm for llm in args.llm if LLMS[llm]):  # late fusion on each other model's vectors as well
         chosen[f"elec_gain_logit{LLMS[llm]}"] = gain_overrides(features[llm], "logit")
+    controls = {llm: features[llm].with_name(f"{features[llm].name}-random") for llm in args.llm}
+    for llm in args.llm:  # the gain network's control: each model's tables, their directions random
+        chosen[f"elec_gain_random{LLMS[llm]}"] = gain_overrides(controls[llm])
+        chosen[f"elec_gain_logit_random{LLMS[llm]}"] = gain_overrides(controls[llm], "logit")
     if args.ablations:  # named ones only
         unknown = set(args.ablations) - set(chosen)
         if unknown:
@@ -227,6 +234,11 @@ def main() -> int:
              features[llm] / "item" / "table.parquet", logs / f"embed_{name}.log")
         todo.update(variants(features[llm], LLMS[llm]))
     needs = " ".join(" ".join(v) for v in chosen.values())
+    for llm in (llm for llm in args.llm if args.ablations is not None and str(controls[llm]) in needs):
+        for entity in ("user", "item"):
+            step([python(), "-m", "benchmarks.random_field_table", "--like", str(features[llm] / entity), "--out",
+                  str(controls[llm])], controls[llm] / entity / "table.parquet",
+                 logs / f"random_{names[llm]}_{entity}.log")
     if args.ablations is not None and str(untuned) in needs:
         step([python(), "-m", "embedding_jobs.run", "--entity", "user", "item", "--dataset", str(data), "--out",
               str(untuned), "--engine", args.engine, "--no-history-outcomes", "--no-progress"],

@@ -206,9 +206,15 @@ elec_smollm2_only() {
   $PY -m benchmarks.elec --dataset "$dataset" "${flags[@]}" --backbones deepfm --llm smollm2 --record "$record" \
     --skip elec_student_alone control_student_score control_student_unlabeled \
     elec_student_rep_smollm2 elec_student_both_smollm2 elec_student_unlabeled_smollm2 \
-    --ablations elec_gain_logit_smollm2
+    --ablations elec_gain_logit_smollm2 elec_gain_random_smollm2 elec_gain_logit_random_smollm2
   $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm --out "compare_${data}_elec_smollm2" \
-    --variants elec_gain_smollm2 elec_student_score_smollm2 elec_gain_logit_smollm2
+    --variants elec_gain_smollm2 elec_student_score_smollm2 elec_gain_logit_smollm2 elec_gain_random_smollm2 \
+    elec_gain_logit_random_smollm2
+  # each gain network against its control: the same tables with random directions
+  $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm --variants elec_gain_smollm2 \
+    --reference elec_gain_random_smollm2 --out "compare_${data}_elec_smollm2_vs_random"
+  $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm --variants elec_gain_logit_smollm2 \
+    --reference elec_gain_logit_random_smollm2 --out "compare_${data}_elec_logit_smollm2_vs_random"
   local v
   for v in elec_gain elec_student_score control_student_score; do
     $PY -m benchmarks.compare --data "$data" --record "$record" --reference-record "$minilm" --backbones deepfm \
