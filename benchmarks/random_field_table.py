@@ -6,14 +6,13 @@
     python -m benchmarks.random_field_table --like runs/features/ml-1m_cold-item-elec/user \
         --out runs/features/ml-1m_cold-item-elec-random      # ELEC's user (or item) table
 
-A user or item table (ELEC's) keeps each key's vector norm and gets a random direction: the gain network sees
-vectors of the real scale that carry no text. A field table's vectors are L2-normalised like the real ones.
-
 The table has the same keys, size and dataset fingerprint as ``--like`` (so training accepts it), and
-vectors drawn from a standard normal with ``--seed``, L2-normalised like the real ones. Random vectors of
-384 dimensions are nearly orthogonal: every field pair gets a cosine similarity near 0. What LLaCTR gains
-with this table comes from its extra capacity (the adaptor, the pairwise term, the regulariser), not from
-language-model knowledge. The metadata names the model ``random-control``.
+directions drawn from a standard normal with ``--seed``. A field table's vectors are L2-normalised like the
+real ones; a user or item table (ELEC's) keeps each key's norm, so the gain network sees vectors of the real
+scale that carry no text. Random vectors of 384 dimensions are nearly orthogonal: every field pair gets a
+cosine similarity near 0. What LLaCTR or ELEC's gain network gains with such a table comes from its extra
+capacity (the adaptor, the pairwise term, the late-fusion branch), not from language-model knowledge. The
+metadata names the model ``random-control``.
 """
 
 from __future__ import annotations
