@@ -7,8 +7,8 @@ Every (lambda_loss, lambda_llm) pair of the grid ({0.01, 0.05, 0.1, 0.3, 0.5, 0.
 one ``benchmarks.quality`` run on one seed, with the FRE loss summed over fields as the reference does
 (``fre_reduction=sum``). ``--search coordinate`` visits 11 of the 36 cells instead: lambda_loss over the grid
 at ``--start-llm``, then lambda_llm over the grid at the best lambda_loss (on the 6x6 record of ML-1M cold-item
-it lands on DeepFM's best cell and 0.0008 valid AUC below DCNv2's, less than one seed's noise). The chosen pair is the one with the best *validation* AUC; test AUC never enters the
-choice, and the record leaves it out so that nobody is tempted. Evaluate the chosen pair over 5 seeds with
+it lands on DeepFM's best cell and 0.0008 valid AUC below DCNv2's, less than one seed's noise). The chosen
+pair is the one with the best *validation* AUC; test AUC never enters the choice, and the record leaves it out so that nobody is tempted. Evaluate the chosen pair over 5 seeds with
 ``benchmarks.quality`` and ``benchmarks.compare`` (the record prints the commands).
 Record: benchmarks/results/llactr_sweep_<data>.{md,json,png} (a validation-AUC heatmap per backbone). A rerun
 with other backbones adds them to the record (same seed, table, reduction and adaptor, or it refuses).
@@ -149,7 +149,8 @@ def main() -> int:
         grid = search(evaluate, args.lambda_loss, args.lambda_llm, args.search, args.start_llm)
         loss, llm, auc = best(grid)
         summary["backbones"][b] = {"valid_auc": grid, "base_valid_auc": base["valid_auc"], "search": args.search,
-                                   "command": summary["command"], "chosen": {"lambda_loss": loss, "lambda_llm": llm, "valid_auc": auc}}
+                                   "command": summary["command"],
+                                   "chosen": {"lambda_loss": loss, "lambda_llm": llm, "valid_auc": auc}}
     name = f"llactr_sweep_{data}" + ("" if args.adaptor == "full" else f"_{args.adaptor}")
     md, js, png = (RESULTS / f"{name}.{ext}" for ext in ("md", "json", "png"))
     if js.is_file():  # an earlier sweep of other backbones on the same data: keep them

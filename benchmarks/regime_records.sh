@@ -223,6 +223,22 @@ elec_smollm2_only() {
   done
 }
 
+# ELEC's late fusion on MiniLM and its random-direction control, DeepFM, in a record of their own (beside
+# elec_smollm2_only's SmolLM2 late fusion, paired by seed): $1 dataset, $2 prepared name, then the split flags
+elec_logit() {
+  local dataset=$1 data=$2 flags=("${@:3}") record=elec_$2_logit
+  $PY -m benchmarks.elec --dataset "$dataset" "${flags[@]}" --backbones deepfm --record "$record" \
+    --skip elec_gain elec_student_alone elec_student_score elec_student_rep elec_student_both control_student_score \
+    elec_student_unlabeled control_student_unlabeled --ablations elec_gain_logit elec_gain_logit_random
+  $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm \
+    --variants elec_gain_logit elec_gain_logit_random --out "compare_${data}_elec_logit"
+  $PY -m benchmarks.compare --data "$data" --record "$record" --backbones deepfm --variants elec_gain_logit \
+    --reference elec_gain_logit_random --out "compare_${data}_elec_logit_vs_random"
+  $PY -m benchmarks.compare --data "$data" --record "elec_${data}_smollm2" --reference-record "$record" \
+    --backbones deepfm --variants elec_gain_logit_smollm2 --reference elec_gain_logit \
+    --out "compare_${data}_elec_logit_smollm2_vs_minilm"
+}
+
 # SRP4CTR on ML-100K (the one dataset here with time-ordered histories): DIN, each pre-trained variant, and the
 # same architectures without pre-training (pre-training runs train.epochs, 10 in the config, with early stopping)
 srp4ctr() {
@@ -280,6 +296,7 @@ case $what in
   elec) elec ml-100k ml-100k; elec ml-1m ml-1m_cold-item --split cold_item ;;
   elec_unlabeled) on ml-1m elec_unlabeled ml-1m ml-1m_cold-item --split cold_item
                   on ml-100k elec_unlabeled ml-100k ml-100k ;;
+  elec_logit) elec_logit ml-1m ml-1m_cold-item --split cold_item ;;
   elec_smollm2) on ml-100k elec_smollm2 ml-100k ml-100k
                 on ml-1m elec_smollm2_only ml-1m ml-1m_cold-item elec_ml-1m_cold-item_unlabeled --split cold_item ;;
   all) base; llactr ml-100k ml-100k; llactr ml-1m ml-1m_cold-item --split cold_item
@@ -291,7 +308,8 @@ case $what in
        elec_unlabeled ml-1m ml-1m_cold-item --split cold_item; elec_unlabeled ml-100k ml-100k
        elec_smollm2 ml-100k ml-100k
        elec_smollm2_only ml-1m ml-1m_cold-item elec_ml-1m_cold-item_unlabeled --split cold_item
-       llactr_tuned ml-100k ml-100k full "$ALL_BACKBONES" ;;
+       llactr_tuned ml-100k ml-100k full "$ALL_BACKBONES"
+       elec_logit ml-1m ml-1m_cold-item --split cold_item ;;
   *) echo "usage: $0 [all|base|llactr|llactr_tuned|llactr_smollm2|llactr_centered|elec|elec_unlabeled|elec_smollm2|srp4ctr] [ml-100k|ml-1m]" >&2
      exit 2 ;;
 esac
