@@ -75,8 +75,10 @@ def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
 
 @torch.no_grad()
 def prompt_probe(run: Path, batches: int) -> dict[str, float]:
-    """Masked-LM loss and accuracy of a run's pre-trained weights on validation rows, with the same masks:
-    no prompts, prompts from the pre-trained CTR model, prompts from a randomly initialised CTR model."""
+    """Masked-LM loss and accuracy on validation rows, with the same masks: the packaged PLM as loaded (its MLM
+    head's transform untrained) and after the warm-up, both without prompts (what the warm-up did); then the
+    run's pre-trained weights with no prompts, with prompts from the pre-trained CTR model and with prompts from
+    a randomly initialised CTR model (whether the prompts carry the row's ID view)."""
     from recsys.data.loader import ParquetBatches, embedding_lookup
     from recsys.data.schema import PreparedSchema
     from recsys.experiment import build_task, load_config
@@ -85,23 +87,30 @@ def prompt_probe(run: Path, batches: int) -> dict[str, float]:
 
     cfg = load_config(run / "config.yaml")
     schema = PreparedSchema.load(cfg.data.path)
+    torch.manual_seed(12345)
+    packaged = build_task(schema, cfg, device=torch.device("cpu"))  # the PLM as loaded, before any stage
+    warmed = build_task(schema, cfg, device=torch.device("cpu"))
+    load_part(run / "stages" / "warmup" / "checkpoints" / "best", warmed)
     task = build_task(schema, cfg, device=torch.device("cpu"))
     load_part(run / "stages" / "pretrain" / "checkpoints" / "best", task)
-    torch.manual_seed(12345)
     random_ctr = build_task(schema, cfg, device=torch.device("cpu")).model  # fresh CTR weights, same shapes
-    task.eval()
+    for t in (packaged, warmed, task):
+        t.eval()
+        t.set_stage(PRETRAIN)
     random_ctr.eval()
-    task.set_stage(PRETRAIN)
     loader = ParquetBatches(cfg.data.path, "valid", schema, 64, side_files=task.side_files("valid"),
                             lookup=embedding_lookup(cfg.data.path, schema, cfg.data.min_count))
-    sums = {k: [0.0, 0.0, 0.0] for k in ("no prompts", "pre-trained CTR model", "random CTR model")}
-    reps = {"no prompts": lambda b: None, "pre-trained CTR model": lambda b: task.model(b).representation,
-            "random CTR model": lambda b: random_ctr(b).representation}
-    for name, rep_of in reps.items():
-        task.plm.reset_eval_masks()
+    probes = {"packaged PLM, before the warm-up": (packaged, lambda b: None),
+              "after the warm-up": (warmed, lambda b: None),
+              "no prompts": (task, lambda b: None),
+              "pre-trained CTR model": (task, lambda b: task.model(b).representation),
+              "random CTR model": (task, lambda b: random_ctr(b).representation)}
+    sums = {k: [0.0, 0.0, 0.0] for k in probes}
+    for name, (t, rep_of) in probes.items():
+        t.plm.reset_eval_masks()
         for _, batch in zip(range(batches), loader, strict=False):
-            loss_sum, tokens, correct = task.plm("mlm", rep_of(batch), batch.extras["input_ids"],
-                                                 batch.extras["length"], batch.weights)
+            loss_sum, tokens, correct = t.plm("mlm", rep_of(batch), batch.extras["input_ids"],
+                                              batch.extras["length"], batch.weights)
             sums[name][0] += float(loss_sum)
             sums[name][1] += float(tokens)
             sums[name][2] += float(correct)
