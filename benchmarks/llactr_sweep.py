@@ -11,15 +11,19 @@ it lands on DeepFM's best cell and 0.0008 valid AUC below DCNv2's, less than one
 pair is the one with the best *validation* AUC; test AUC never enters the choice, and the record leaves it out so that nobody is tempted. Evaluate the chosen pair over 5 seeds with
 ``benchmarks.quality`` and ``benchmarks.compare`` (the record prints the commands).
 Record: benchmarks/results/llactr_sweep_<data>.{md,json,png} (a validation-AUC heatmap per backbone). A rerun
-with other backbones adds them to the record (same seed, table, reduction and adaptor, or it refuses).
+with other backbones adds them to the record (same seed, table, reduction and adaptor, or it refuses). The
+table is identified by a sha256 of its keys and vectors, not only its path: a table rebuilt under the same path
+with other vectors (another fine-tuning) is refused too.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from benchmarks.common import RESULTS, environment, environment_line, write_json
 from benchmarks.quality import data_name, prepare_data, run_one
@@ -67,13 +71,32 @@ def search(evaluate: Callable[[float, float], float], losses: list[float], llms:
     return cells
 
 
+def table_sha256(folder: str | Path) -> str:
+    """sha256 over a feature table's keys and vectors (key order), whatever its files' Parquet bytes."""
+    from recsys.features.reader import read_file, table_files
+
+    h = hashlib.sha256()
+    for file in table_files(folder):
+        _, keys, vectors = read_file(file)
+        order = keys.argsort(kind="stable")
+        h.update(keys[order].tobytes() + vectors[order].tobytes())
+    return h.hexdigest()
+
+
 def merge(old: dict, new: dict) -> dict:
-    """``new`` with the backbones of an earlier record of the same sweep that it did not rerun."""
+    """``new`` with the backbones of an earlier record of the same sweep that it did not rerun. Backbones swept
+    before the record held the table's sha256 are kept as they are (their table is not known to match)."""
     same = ("data", "seed", "field_table", "fre_reduction", "adaptor", "lambda_loss", "lambda_llm")
     differ = [k for k in same if old.get(k) != new[k]]
     if differ:
         raise SystemExit(f"the record of this dataset holds a sweep with other {', '.join(differ)} "
                          f"({', '.join(f'{k}={old.get(k)!r}' for k in differ)}); move it aside to start a new one")
+    other = {b: r["field_table_sha256"] for b, r in old["backbones"].items()
+             if r.get("field_table_sha256") not in (None, new["field_table_sha256"]) and b not in new["backbones"]}
+    if other:
+        raise SystemExit(f"{new['field_table']} holds other vectors than the table {', '.join(other)} were swept on "
+                         f"(sha256 {next(iter(other.values()))[:12]}…, now {new['field_table_sha256'][:12]}…); "
+                         "sweep them again on this table, or move the record aside")
     kept = {b: {"command": old["command"], **r} for b, r in old["backbones"].items()}  # each its own command
     return {**new, "backbones": {**kept, **new["backbones"]}}
 
@@ -127,6 +150,7 @@ def main() -> int:
     data = data_name(args.dataset, args.split, args.train_fraction)
     prepare_data(args.dataset, args.split, args.train_fraction)
     summary = {"dataset": args.dataset, "data": data, "seed": args.seed, "field_table": args.field_table,
+               "field_table_sha256": table_sha256(args.field_table),
                "fre_reduction": args.fre_reduction, "adaptor": args.adaptor, "lambda_loss": args.lambda_loss,
                "lambda_llm": args.lambda_llm, "command": "python -m benchmarks.llactr_sweep " + " ".join(sys.argv[1:]),
                "environment": environment(), "backbones": {}}
@@ -150,6 +174,7 @@ def main() -> int:
         loss, llm, auc = best(grid)
         summary["backbones"][b] = {"valid_auc": grid, "base_valid_auc": base["valid_auc"], "search": args.search,
                                    "command": summary["command"],
+                                   "field_table_sha256": summary["field_table_sha256"],
                                    "chosen": {"lambda_loss": loss, "lambda_llm": llm, "valid_auc": auc}}
     name = f"llactr_sweep_{data}" + ("" if args.adaptor == "full" else f"_{args.adaptor}")
     md, js, png = (RESULTS / f"{name}.{ext}" for ext in ("md", "json", "png"))
@@ -166,7 +191,7 @@ def main() -> int:
              "records), so neighbouring cells within that are a tie.", "",
              f"![heatmap]({png.name})", "",
              "| backbone | search (cells) | base valid AUC | chosen lambda_loss | chosen lambda_llm | its valid AUC | "
-             "worst cell | 5-seed command |", "|---|---|---|---|---|---|---|---|"]
+             "worst cell | table sha256 | 5-seed command |", "|---|---|---|---|---|---|---|---|---|"]
     for b, r in summary["backbones"].items():
         c = r["chosen"]
         cmd = (f"`python -m benchmarks.quality {flags} --backbones {b} --variant llactr_tuned "
@@ -174,7 +199,8 @@ def main() -> int:
                                     args.adaptor)) + "`")
         lines.append(f"| {b} | {r.get('search', 'grid')} ({len(r['valid_auc'])}) | {r['base_valid_auc']:.4f} | "
                      f"{c['lambda_loss']:g} | {c['lambda_llm']:g} | "
-                     f"{c['valid_auc']:.4f} | {min(r['valid_auc'].values()):.4f} | {cmd} |")
+                     f"{c['valid_auc']:.4f} | {min(r['valid_auc'].values()):.4f} | "
+                     f"{r.get('field_table_sha256', 'not recorded')[:12]} | {cmd} |")
     lines += ["", environment_line(summary["environment"]), ""]
     md.write_text("\n".join(lines))
     plot(summary, png)
