@@ -26,8 +26,10 @@ llactr_tables() {
   local fields=runs/models/$data-fields features=runs/features/$data
   [ -f "runs/data/$data/schema.json" ] || $PY -m recsys.prepare --dataset "$dataset" "${flags[@]}" \
     --out "runs/data/$data" --no-progress
+  # the budget is a safety net the 3 epochs never reach (about 75 s alone): a time-cut fine-tuning would make
+  # the table depend on the machine's load (27 steps instead of 141 on ML-1M cold-item beside another job)
   [ -f "$fields/report.json" ] || $PY -m embedding_jobs.field_finetune --dataset runs/data/$data --out "$fields" \
-    --time-budget-s 300 --no-progress
+    --time-budget-s 3600 --no-progress
   [ -f "$features/field/table.parquet" ] || $PY -m embedding_jobs.run --entity field --dataset runs/data/$data \
     --model "$fields" --out "$features" --no-progress
   [ -f "runs/features/$data-random/field/table.parquet" ] || $PY -m benchmarks.random_field_table \
