@@ -3,6 +3,7 @@ model and language model together), per regime over seeds, and whether the promp
 
     python -m benchmarks.clickprompt --dataset ml-100k --backbones deepfm dcnv2 autoint --seeds 1 2 3
     python -m benchmarks.clickprompt --dataset ml-100k --joint-seeds 1        # mode (a): one seed, on a budget
+    python -m benchmarks.clickprompt --dataset ml-100k --backbones deepfm --joint-seeds 1 2 3 --joint-start b
     python -m benchmarks.clickprompt --dataset ml-100k --backbones autoint --joint-seeds --record clickprompt_ml-100k_autoint
 
 Steps, each skipped when its output exists (rerun to resume):
@@ -10,7 +11,10 @@ Steps, each skipped when its output exists (rerun to resume):
 1. tokenise every row once for the packaged MiniLM (``embedding_jobs.row_tokens``);
 2. per backbone and seed (``benchmarks.quality``'s runs, config benchmarks/configs/<dataset>.yaml):
    ``base`` (shared with the quality records; it is also the control "(b) without PA-MLM": the same CTR model
-   trained plainly), ``clickprompt_b`` and, for ``--joint-seeds``, ``clickprompt_a``;
+   trained plainly), ``clickprompt_b`` and, for ``--joint-seeds``, mode (a): ``clickprompt_a`` from the PA-MLM
+   weights as in the paper (``--joint-start pretrain``), or ``clickprompt_a_from_b`` from the seed's finished
+   (b) run, its scoring head at zero so that it starts at (b)'s scores (``--joint-start b``: what the PLM adds
+   to a trained CTR model, paired with (b) by seed);
 3. the prompt probe on each (b) run's pre-trained weights: masked-LM loss and accuracy on the validation rows
    (the same masks) of the PLM alone, with prompts from the pre-trained CTR model, and with prompts from a
    randomly initialised CTR model. If the prompts carry the row's ID view, the second beats the third.
@@ -19,7 +23,9 @@ On these 2 cores a pass of MiniLM over every training row does not fit, so pre-t
 (``--warmup-steps``, ``--pretrain-steps`` of ``--mlm-batch`` rows per epoch, ``--warmup-epochs`` and
 ``--pretrain-epochs`` epochs; the record states them; a GPU user raises them); mode (a) fine-tunes for
 ``--joint-epochs`` of ``--joint-steps`` batches (every other variant on the whole training split) and, as every
-variant, is selected and tested on the whole validation and test splits.
+variant, is selected and tested on the whole validation and test splits. From the PA-MLM weights that budget
+leaves the CTR model trained on a few thousand rows, far from the base, which is why ``--joint-start b``
+exists.
 Results: benchmarks/results/clickprompt_<data>.{md,json,png}; pair them with
 ``python -m benchmarks.compare --data <data> --record clickprompt_<data> --variants clickprompt_b ...``.
 """
@@ -70,6 +76,13 @@ def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
                           _per_stage("stage_steps", **steps, ctr=args.joint_steps),
                           _per_stage("stage_epochs", **epochs, ctr=args.joint_epochs),
                           _per_stage("stage_batch_size", **dict.fromkeys([*lm, "ctr"], args.mlm_batch))],
+        # {tag}, {backbone} and {seed} are filled per run by benchmarks.quality: the same seed's (b) run
+        "clickprompt_a_from_b": ["method.name=clickprompt", f"method.clickprompt.tokens={tokens}",
+                                 "method.clickprompt.finetune=joint",
+                                 "method.clickprompt.start_from=runs/bench/{tag}_{backbone}_clickprompt_b_s{seed}",
+                                 _per_stage("stage_steps", ctr=args.joint_steps),
+                                 _per_stage("stage_epochs", ctr=args.joint_epochs),
+                                 _per_stage("stage_batch_size", ctr=args.mlm_batch)],
     }
 
 
@@ -155,6 +168,9 @@ def main() -> int:
     p.add_argument("--joint-seeds", nargs="*", type=int, default=[1],
                    help="seeds of mode (a) (costly on CPU; none: only its serving cost is measured)")
     p.add_argument("--joint-backbones", nargs="*", default=["deepfm"])
+    p.add_argument("--joint-start", choices=["pretrain", "b"], default="pretrain",
+                   help="mode (a) from the PA-MLM weights (the paper; variant clickprompt_a) or from the seed's "
+                        "finished (b) run (clickprompt_a_from_b; each of --joint-seeds must be in --seeds)")
     p.add_argument("--mlm-batch", type=int, default=64, help="rows per step in the language-model stages")
     p.add_argument("--warmup-steps", type=int, default=40, help="steps per warm-up epoch")
     p.add_argument("--warmup-epochs", type=int, default=1)
@@ -169,6 +185,9 @@ def main() -> int:
     p.add_argument("--record", default=None,
                    help="the record's name in benchmarks/results (default clickprompt_<data>; another keeps that one)")
     args = p.parse_args()
+    if args.joint_start == "b" and not set(args.joint_seeds) <= set(args.seeds):
+        p.error(f"--joint-start b: mode (a) starts from each seed's (b) run; --joint-seeds {args.joint_seeds} must "
+                f"be among --seeds {args.seeds}")
     data = data_name(args.dataset, args.split)
     prepare_data(args.dataset, args.split)
     tokens = REPO / "runs" / "features" / data / "row_tokens"
@@ -185,8 +204,9 @@ def main() -> int:
         print(f"{backbone:<8} base {fmt([r['test_auc'] for r in results[backbone]['base']])}  (b) "
               f"{fmt([r['test_auc'] for r in results[backbone]['clickprompt_b']])}", flush=True)
         if backbone in args.joint_backbones and args.joint_seeds:
-            results[backbone]["clickprompt_a"] = [run_one(args.dataset, data, backbone, s, todo["clickprompt_a"],
-                                                          "clickprompt_a") for s in args.joint_seeds]
+            joint = "clickprompt_a" if args.joint_start == "pretrain" else "clickprompt_a_from_b"
+            results[backbone][joint] = [run_one(args.dataset, data, backbone, s, todo[joint], joint)
+                                        for s in args.joint_seeds]
         run = REPO / "runs" / "bench" / run_name(data, backbone, args.seeds[0], "clickprompt_b")
         probes[backbone] = prompt_probe(run, args.probe_batches)
     cost_backbone, seed = args.backbones[0], args.seeds[0]
@@ -200,6 +220,7 @@ def main() -> int:
 def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tokens: Path, cost: dict) -> None:
     meta = json.loads((tokens / "meta.json").read_text())
     summary = {"dataset": args.dataset, "data": data, "seeds": args.seeds, "joint_seeds": args.joint_seeds,
+               "joint_start": args.joint_start,
                "command": "python -m benchmarks.clickprompt " + " ".join(sys.argv[1:]),
                "budget": {"mlm_batch": args.mlm_batch, "warmup_steps_per_epoch": args.warmup_steps,
                           "warmup_epochs": args.warmup_epochs, "pretrain_steps_per_epoch": args.pretrain_steps,
@@ -221,8 +242,9 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
              f"{bud['pretrain_epochs'] * bud['pretrain_steps_per_epoch'] * bud['mlm_batch']:,} rows in all), validated "
              f"on {bud['mlm_eval_batches']} batches; mode (b) then fine-tunes the CTR model on the whole training "
              f"split, mode (a) for {bud['joint_epochs']} epochs of {bud['joint_steps_per_epoch']} batches of "
-             f"{bud['mlm_batch']} rows. Every variant is selected and tested on the whole validation and test "
-             "splits.", ""]
+             f"{bud['mlm_batch']} rows, from "
+             + ("the PA-MLM weights" if args.joint_start == "pretrain" else "the same seed's finished (b) run")
+             + ". Every variant is selected and tested on the whole validation and test splits.", ""]
     for b, vs in summary["runs"].items():
         base = mean_std(vs["base"]["test_auc"])[0]
         lines += [f"## {b}", "", "| variant | seeds | test AUC | test logloss | AUC − base |", "|---|---|---|---|---|"]
@@ -253,7 +275,9 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
     env = summary["environment"]
     lines += ["Variants: `base` the backbone alone (also the control: the same CTR model without PA-MLM); "
               "`clickprompt_b` warm-up, PA-MLM with prefix prompts, then the CTR model alone (served without the "
-              "language model); `clickprompt_a` the same pre-training, then CTR model and language model together.",
+              "language model); `clickprompt_a` the same pre-training, then CTR model and language model together; "
+              "`clickprompt_a_from_b` CTR model and language model together from the (b) run of the same seed "
+              "(its CTR model, PLM and prompts), the PLM's scoring head starting at zero.",
               "", environment_line(env), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print(f"wrote {stem}.md/.json")

@@ -129,6 +129,35 @@ def test_pa_mlm_then_fine_tuning_through_the_trainer(setup, tmp_path, finetune):
             export_run(tmp_path / "cp", tmp_path / "export")
 
 
+def test_mode_a_from_a_finished_b_run_starts_at_its_scores_and_runs_only_the_joint_stage(setup, tmp_path):
+    from recsys.data.loader import ParquetBatches
+    from recsys.train.checkpoint import load_part
+
+    data, _, _ = setup
+    b = build_trainer(_cfg(setup, tmp_path, "b", "train.epochs=1"))
+    b.fit()
+    a_cfg = _cfg(setup, tmp_path, "a", "method.clickprompt.finetune=joint",
+                 f"method.clickprompt.start_from={tmp_path / 'b'}", "train.epochs=1")
+    schema = PreparedSchema.load(data)
+    b_task, a_task = (build_task(schema, c, device=torch.device("cpu"))
+                      for c in (load_config(tmp_path / "b" / "config.yaml"), a_cfg))
+    load_part(tmp_path / "b" / "checkpoints" / "best", b_task)
+    for prefix, (path, source) in a_task.warm_start().items():
+        load_part(path, a_task, target_prefix=prefix, source_prefix=source)
+    assert [s.name for s in a_task.stages] == ["ctr"]
+    batch = next(iter(ParquetBatches(data, "test", schema, 32, side_files=a_task.side_files("test"))))
+    b_task.eval(), a_task.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(a_task.score(batch), b_task.score(batch))  # the PLM adds nothing yet
+    result = build_trainer(a_cfg).fit()
+    assert not (tmp_path / "a" / "stages").exists() and 0 <= result["test_auc"] <= 1
+    with pytest.raises(ConfigError, match="differs in model.backbone"):
+        build_trainer(_cfg(setup, tmp_path, "a2", "method.clickprompt.finetune=joint", "model.backbone=deepfm",
+                           f"method.clickprompt.start_from={tmp_path / 'b'}"))
+    with pytest.raises(ConfigError, match="set method.clickprompt.finetune=joint"):
+        build_trainer(_cfg(setup, tmp_path, "a3", f"method.clickprompt.start_from={tmp_path / 'b'}"))
+
+
 def test_mode_b_exports_and_scores_without_transformers(setup, tmp_path):
     from recsys.serve.artifact import export_run
 

@@ -17,7 +17,11 @@ Stages (one experiment, the one trainer):
      base model's cost;
    - ``finetune=joint`` (a): CTR model and PLM together: logit = CTR logit + PLM logit (the [CLS] state of the
      prompted PLM through ``Linear -> Tanh -> Linear``; ``learn_alpha`` weighs it), the PLM in its own
-     parameter group (``plm_lr``).
+     parameter group (``plm_lr``). ``start_from=RUN`` starts it from a finished (b) run instead: that run's
+     CTR model (its best) and its pre-trained PLM and prompt generator, the scoring head's last layer at zero so
+     that the joint model starts at (b)'s scores; no warm-up or PA-MLM is rerun. A deviation for a CPU budget:
+     joint fine-tuning from PA-MLM cannot cover the training split there, so the joint stage measures what the
+     PLM adds to a trained CTR model.
 
 Prompts (``prompt``): ``prefix`` (the paper's main variant): ``Linear(H -> d) -> Tanh -> Linear(d -> L x layers x
 2 x d)``, reshaped into a key and a value prefix of length L for every layer (a ``DynamicCache``), the
@@ -78,6 +82,7 @@ class ClickPromptConfig:
     mask_prob: float = 0.15
     plm_lr: float = 5e-5  # the PLM's parameter group (AdamW); the CTR model and prompts use optim.dense_lr
     learn_alpha: bool = False  # joint: logit = CTR logit + alpha * PLM logit with a learned alpha
+    start_from: str = ""  # joint: a finished (b) run whose CTR model, PLM and prompts start the joint stage
 
     def __post_init__(self) -> None:
         self.prompt, self.finetune = PromptKind(self.prompt), FineTune(self.finetune)
@@ -119,6 +124,9 @@ class PromptedMLM(nn.Module):
             self.generator = nn.ModuleList(nn.Linear(rep_dim, self.hidden) for _ in range(self.length))
         self.score_head = (nn.Sequential(nn.Linear(self.hidden, self.hidden), nn.Tanh(), nn.Linear(self.hidden, 1))
                            if cfg.finetune is FineTune.JOINT else None)
+        if self.score_head is not None and cfg.start_from:
+            nn.init.zeros_(self.score_head[-1].weight)  # the PLM adds nothing until it learns to
+            nn.init.zeros_(self.score_head[-1].bias)
         self.eval_generator: torch.Generator | None = None
 
     def reset_eval_masks(self, seed: int = 0) -> None:
@@ -213,6 +221,14 @@ class ClickPromptTask(Task):
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("plm", ("plm.mlm.",), optimizer="adamw", lr=self.cfg.plm_lr, weight_decay=0.01)]
 
+    def warm_start(self) -> dict[str, tuple[str, str]]:
+        """``start_from``: the (b) run's best checkpoint holds its fine-tuned CTR model and, untouched by the CTR
+        stage, its pre-trained PLM and prompt generator."""
+        if not self.cfg.start_from:
+            return {}
+        best = str(Path(self.cfg.start_from) / "checkpoints" / "best")
+        return {part: (best, part) for part in ("model.", "plm.mlm.", "plm.generator.")}
+
     def output(self, batch: Batch) -> CTROutput:
         out = self.model(batch)
         if self.cfg.finetune is not FineTune.JOINT:
@@ -263,6 +279,8 @@ def _check(cfg: ExperimentConfig, schema: PreparedSchema | None) -> None:
         raise ConfigError(f"method.clickprompt.prompt_length={c.prompt_length}: prompts need at least one position")
     if not 0 < c.mask_prob < 1:
         raise ConfigError(f"method.clickprompt.mask_prob={c.mask_prob}: must be between 0 and 1")
+    if c.start_from:
+        _check_start_from(cfg)
     if c.tokens and (Path(c.tokens) / "meta.json").is_file():
         meta = json.loads((Path(c.tokens) / "meta.json").read_text())
         if schema is not None and meta.get("dataset_fingerprint") != schema.fingerprint:
@@ -276,6 +294,28 @@ def _check(cfg: ExperimentConfig, schema: PreparedSchema | None) -> None:
                               f"the PLM {folder}; {TOKENS_HINT}")
 
 
+def _check_start_from(cfg: ExperimentConfig) -> None:
+    c, run = cfg.method.clickprompt, Path(cfg.method.clickprompt.start_from)
+    if c.finetune is not FineTune.JOINT:
+        raise ConfigError("method.clickprompt.start_from starts mode (a) from a finished (b) run: set "
+                          "method.clickprompt.finetune=joint")
+    if not (run / "test_metrics.json").is_file() or not (run / "config.yaml").is_file():
+        raise ConfigError(f"method.clickprompt.start_from={run}: not a finished run (no test_metrics.json)")
+    from recsys.experiment import load_config
+
+    theirs = load_config(run / "config.yaml")
+    t = theirs.method.clickprompt
+    differ = [k for k, mine, other in (("method.name", cfg.method.name, theirs.method.name),
+                                        ("finetune", FineTune.CTR, t.finetune), ("pretrain", True, t.pretrain),
+                                        ("model.backbone", cfg.model.backbone, theirs.model.backbone),
+                                        ("data.path", cfg.data.path, theirs.data.path), ("plm", c.plm, t.plm),
+                                        ("prompt", c.prompt, t.prompt), ("prompt_length", c.prompt_length,
+                                                                         t.prompt_length)) if mine != other]
+    if differ:
+        raise ConfigError(f"method.clickprompt.start_from={run}: not a mode (b) run of this model (it differs in "
+                          f"{', '.join(differ)})")
+
+
 def _build(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.device | None) -> Task:
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -287,14 +327,15 @@ def _build(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.device |
     mlm, info = AutoModelForMaskedLM.from_pretrained(folder, local_files_only=True, trust_remote_code=False,
                                                      output_loading_info=True, dtype=torch.float32)
     untrained = [k for k in info["missing_keys"] if not k.endswith("decoder.weight")]
-    if untrained and not c.warmup:
+    if untrained and not c.warmup and not c.start_from:  # start_from loads a run's trained head
         raise ConfigError(f"{folder} has no trained MLM head (missing {untrained[:2]}...): set "
                           "method.clickprompt.warmup=true, or give a checkpoint with its head")
     backbone = cfg.model.build(schema, device)
     special = [i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
                            tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None]
     plm = PromptedMLM(mlm, backbone.representation_dim, c, special, tokenizer.mask_token_id, tokenizer.pad_token_id)
-    stages = tuple(s for s, on in ((WARMUP, c.warmup), (PRETRAIN, c.pretrain)) if on) + (CTR_STAGE,)
+    stages = tuple(s for s, on in ((WARMUP, c.warmup and not c.start_from), (PRETRAIN, c.pretrain and not c.start_from))
+                   if on) + (CTR_STAGE,)
     return ClickPromptTask(backbone, plm, c, stages)
 
 
