@@ -14,7 +14,8 @@ Steps, each skipped when its output exists (rerun to resume):
    trained plainly), ``clickprompt_b`` and, for ``--joint-seeds``, mode (a): ``clickprompt_a`` from the PA-MLM
    weights as in the paper (``--joint-start pretrain``), or ``clickprompt_a_from_b`` from the seed's finished
    (b) run, its scoring head at zero so that it starts at (b)'s scores (``--joint-start b``: what the PLM adds
-   to a trained CTR model, paired with (b) by seed);
+   to a trained CTR model), beside its control ``clickprompt_b_continued``: the same (b) run's CTR model trained
+   on as many rows in batches as small, with fresh optimizers, without the PLM;
 3. the prompt probe on each (b) run's pre-trained weights: masked-LM loss and accuracy on the validation rows
    (the same masks) of the PLM alone, with prompts from the pre-trained CTR model, and with prompts from a
    randomly initialised CTR model. If the prompts carry the row's ID view, the second beats the third.
@@ -76,13 +77,13 @@ def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
                           _per_stage("stage_steps", **steps, ctr=args.joint_steps),
                           _per_stage("stage_epochs", **epochs, ctr=args.joint_epochs),
                           _per_stage("stage_batch_size", **dict.fromkeys([*lm, "ctr"], args.mlm_batch))],
-        # {tag}, {backbone} and {seed} are filled per run by benchmarks.quality: the same seed's (b) run
-        "clickprompt_a_from_b": ["method.name=clickprompt", f"method.clickprompt.tokens={tokens}",
-                                 "method.clickprompt.finetune=joint",
-                                 "method.clickprompt.start_from=runs/bench/{tag}_{backbone}_clickprompt_b_s{seed}",
-                                 _per_stage("stage_steps", ctr=args.joint_steps),
-                                 _per_stage("stage_epochs", ctr=args.joint_epochs),
-                                 _per_stage("stage_batch_size", ctr=args.mlm_batch)],
+        **{variant: [
+            "method.name=clickprompt", f"method.clickprompt.tokens={tokens}", f"method.clickprompt.finetune={mode}",
+            # {tag}, {backbone} and {seed} are filled per run by benchmarks.quality: the same seed's (b) run
+            "method.clickprompt.start_from=runs/bench/{tag}_{backbone}_clickprompt_b_s{seed}",
+            _per_stage("stage_steps", ctr=args.joint_steps), _per_stage("stage_epochs", ctr=args.joint_epochs),
+            _per_stage("stage_batch_size", ctr=args.mlm_batch)]
+           for variant, mode in (("clickprompt_a_from_b", "joint"), ("clickprompt_b_continued", "ctr"))},
     }
 
 
@@ -204,9 +205,10 @@ def main() -> int:
         print(f"{backbone:<8} base {fmt([r['test_auc'] for r in results[backbone]['base']])}  (b) "
               f"{fmt([r['test_auc'] for r in results[backbone]['clickprompt_b']])}", flush=True)
         if backbone in args.joint_backbones and args.joint_seeds:
-            joint = "clickprompt_a" if args.joint_start == "pretrain" else "clickprompt_a_from_b"
-            results[backbone][joint] = [run_one(args.dataset, data, backbone, s, todo[joint], joint)
-                                        for s in args.joint_seeds]
+            joint = ["clickprompt_a"] if args.joint_start == "pretrain" else [
+                "clickprompt_a_from_b", "clickprompt_b_continued"]
+            for v in joint:
+                results[backbone][v] = [run_one(args.dataset, data, backbone, s, todo[v], v) for s in args.joint_seeds]
         run = REPO / "runs" / "bench" / run_name(data, backbone, args.seeds[0], "clickprompt_b")
         probes[backbone] = prompt_probe(run, args.probe_batches)
     cost_backbone, seed = args.backbones[0], args.seeds[0]
@@ -277,7 +279,8 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
               "`clickprompt_b` warm-up, PA-MLM with prefix prompts, then the CTR model alone (served without the "
               "language model); `clickprompt_a` the same pre-training, then CTR model and language model together; "
               "`clickprompt_a_from_b` CTR model and language model together from the (b) run of the same seed "
-              "(its CTR model, PLM and prompts), the PLM's scoring head starting at zero.",
+              "(its CTR model, PLM and prompts), the PLM's scoring head starting at zero; `clickprompt_b_continued` "
+              "its control: the (b) run's CTR model trained on as many rows in as small batches, without the PLM.",
               "", environment_line(env), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print(f"wrote {stem}.md/.json")

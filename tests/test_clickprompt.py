@@ -129,7 +129,7 @@ def test_pa_mlm_then_fine_tuning_through_the_trainer(setup, tmp_path, finetune):
             export_run(tmp_path / "cp", tmp_path / "export")
 
 
-def test_mode_a_from_a_finished_b_run_starts_at_its_scores_and_runs_only_the_joint_stage(setup, tmp_path):
+def test_mode_a_and_its_control_from_a_finished_b_run_start_at_its_scores_and_run_one_stage(setup, tmp_path):
     from recsys.data.loader import ParquetBatches
     from recsys.train.checkpoint import load_part
 
@@ -154,8 +154,15 @@ def test_mode_a_from_a_finished_b_run_starts_at_its_scores_and_runs_only_the_joi
     with pytest.raises(ConfigError, match="differs in model.backbone"):
         build_trainer(_cfg(setup, tmp_path, "a2", "method.clickprompt.finetune=joint", "model.backbone=deepfm",
                            f"method.clickprompt.start_from={tmp_path / 'b'}"))
-    with pytest.raises(ConfigError, match="set method.clickprompt.finetune=joint"):
-        build_trainer(_cfg(setup, tmp_path, "a3", f"method.clickprompt.start_from={tmp_path / 'b'}"))
+    # the control: the (b) run's CTR model trained on, without the PLM, starts where (b) ended too
+    control = _cfg(setup, tmp_path, "c", f"method.clickprompt.start_from={tmp_path / 'b'}", "train.epochs=1")
+    c_task = build_task(schema, control, device=torch.device("cpu"))
+    assert set(c_task.warm_start()) == {"model."} and [s.name for s in c_task.stages] == ["ctr"]
+    for prefix, (path, source) in c_task.warm_start().items():
+        load_part(path, c_task, target_prefix=prefix, source_prefix=source)
+    c_task.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(c_task.score(batch), b_task.score(batch))
 
 
 def test_mode_b_exports_and_scores_without_transformers(setup, tmp_path):

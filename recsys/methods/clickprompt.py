@@ -21,7 +21,8 @@ Stages (one experiment, the one trainer):
      CTR model (its best) and its pre-trained PLM and prompt generator, the scoring head's last layer at zero so
      that the joint model starts at (b)'s scores; no warm-up or PA-MLM is rerun. A deviation for a CPU budget:
      joint fine-tuning from PA-MLM cannot cover the training split there, so the joint stage measures what the
-     PLM adds to a trained CTR model.
+     PLM adds to a trained CTR model. Its control is ``finetune=ctr`` with the same ``start_from``: the (b)
+     run's CTR model trained on as many rows, with the same fresh optimizers, without the PLM.
 
 Prompts (``prompt``): ``prefix`` (the paper's main variant): ``Linear(H -> d) -> Tanh -> Linear(d -> L x layers x
 2 x d)``, reshaped into a key and a value prefix of length L for every layer (a ``DynamicCache``), the
@@ -82,7 +83,7 @@ class ClickPromptConfig:
     mask_prob: float = 0.15
     plm_lr: float = 5e-5  # the PLM's parameter group (AdamW); the CTR model and prompts use optim.dense_lr
     learn_alpha: bool = False  # joint: logit = CTR logit + alpha * PLM logit with a learned alpha
-    start_from: str = ""  # joint: a finished (b) run whose CTR model, PLM and prompts start the joint stage
+    start_from: str = ""  # a finished (b) run whose CTR model (joint: and PLM, prompts) starts the last stage
 
     def __post_init__(self) -> None:
         self.prompt, self.finetune = PromptKind(self.prompt), FineTune(self.finetune)
@@ -223,11 +224,12 @@ class ClickPromptTask(Task):
 
     def warm_start(self) -> dict[str, tuple[str, str]]:
         """``start_from``: the (b) run's best checkpoint holds its fine-tuned CTR model and, untouched by the CTR
-        stage, its pre-trained PLM and prompt generator."""
+        stage, its pre-trained PLM and prompt generator (which only the joint mode uses)."""
         if not self.cfg.start_from:
             return {}
         best = str(Path(self.cfg.start_from) / "checkpoints" / "best")
-        return {part: (best, part) for part in ("model.", "plm.mlm.", "plm.generator.")}
+        parts = ("model.", "plm.mlm.", "plm.generator.") if self.cfg.finetune is FineTune.JOINT else ("model.",)
+        return {part: (best, part) for part in parts}
 
     def output(self, batch: Batch) -> CTROutput:
         out = self.model(batch)
@@ -296,9 +298,6 @@ def _check(cfg: ExperimentConfig, schema: PreparedSchema | None) -> None:
 
 def _check_start_from(cfg: ExperimentConfig) -> None:
     c, run = cfg.method.clickprompt, Path(cfg.method.clickprompt.start_from)
-    if c.finetune is not FineTune.JOINT:
-        raise ConfigError("method.clickprompt.start_from starts mode (a) from a finished (b) run: set "
-                          "method.clickprompt.finetune=joint")
     if not (run / "test_metrics.json").is_file() or not (run / "config.yaml").is_file():
         raise ConfigError(f"method.clickprompt.start_from={run}: not a finished run (no test_metrics.json)")
     from recsys.experiment import load_config
