@@ -15,7 +15,8 @@ Steps, each skipped when its output exists (rerun to resume):
    weights as in the paper (``--joint-start pretrain``), or ``clickprompt_a_from_b`` from the seed's finished
    (b) run, its scoring head at zero so that it starts at (b)'s scores (``--joint-start b``: what the PLM adds
    to a trained CTR model), beside its control ``clickprompt_b_continued``: the same (b) run's CTR model trained
-   on as many rows in batches as small, with fresh optimizers, without the PLM;
+   on as many rows in batches as small, with fresh optimizers, without the PLM; and ``clickprompt_a_frozen_ctr``:
+   the same joint start with the CTR model frozen, so that only the language side learns (its control is (b));
 3. the prompt probe on each (b) run's pre-trained weights: masked-LM loss and accuracy on the validation rows
    (the same masks) of the PLM alone, with prompts from the pre-trained CTR model, and with prompts from a
    randomly initialised CTR model. If the prompts carry the row's ID view, the second beats the third.
@@ -56,9 +57,14 @@ from benchmarks.quality import data_name, per_seed, prepare_data, regime_table, 
 from recsys.train.config import override
 
 
+def _braced(key: str, value: dict) -> str:
+    """A ``key={...}`` override, its braces doubled for ``benchmarks.quality``'s str.format."""
+    return override(key, value).replace("{", "{{").replace("}", "}}")
+
+
 def _per_stage(key: str, **values: int) -> str:
-    """A ``train.<key>={stage: n, ...}`` override, its braces doubled for ``benchmarks.quality``'s str.format."""
-    return override(f"train.{key}", values).replace("{", "{{").replace("}", "}}")
+    """A ``train.<key>={stage: n, ...}`` override."""
+    return _braced(f"train.{key}", values)
 
 
 def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
@@ -68,7 +74,7 @@ def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
            _per_stage("stage_eval_steps", **dict.fromkeys(lm, args.mlm_eval_steps))]
     epochs = {"warmup": args.warmup_epochs, "pretrain": args.pretrain_epochs}
     steps = {"warmup": args.warmup_steps, "pretrain": args.pretrain_steps}
-    return {
+    out = {
         "clickprompt_b": [*pre, "method.clickprompt.finetune=ctr", _per_stage("stage_steps", **steps),
                           _per_stage("stage_epochs", **epochs),
                           _per_stage("stage_batch_size", **dict.fromkeys(lm, args.mlm_batch))],
@@ -83,8 +89,13 @@ def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
             "method.clickprompt.start_from=runs/bench/{tag}_{backbone}_clickprompt_b_s{seed}",
             _per_stage("stage_steps", ctr=args.joint_steps), _per_stage("stage_epochs", ctr=args.joint_epochs),
             _per_stage("stage_batch_size", ctr=args.mlm_batch)]
-           for variant, mode in (("clickprompt_a_from_b", "joint"), ("clickprompt_b_continued", "ctr"))},
+           for variant, mode in (("clickprompt_a_from_b", "joint"), ("clickprompt_b_continued", "ctr"),
+                                 ("clickprompt_a_frozen_ctr", "joint"))},
     }
+    # the CTR model frozen (embeddings and dense layers at rate 0): only the PLM, the prompts and the scoring
+    # head learn, so the joint model's change from (b) is the language model's alone
+    out["clickprompt_a_frozen_ctr"] += ["optim.embedding_lr=0", _braced("optim.groups", {"dense": {"lr": 0.0}})]
+    return out
 
 
 @torch.no_grad()
@@ -206,7 +217,7 @@ def main() -> int:
               f"{fmt([r['test_auc'] for r in results[backbone]['clickprompt_b']])}", flush=True)
         if backbone in args.joint_backbones and args.joint_seeds:
             joint = ["clickprompt_a"] if args.joint_start == "pretrain" else [
-                "clickprompt_a_from_b", "clickprompt_b_continued"]
+                "clickprompt_a_from_b", "clickprompt_b_continued", "clickprompt_a_frozen_ctr"]
             for v in joint:
                 results[backbone][v] = [run_one(args.dataset, data, backbone, s, todo[v], v) for s in args.joint_seeds]
         run = REPO / "runs" / "bench" / run_name(data, backbone, args.seeds[0], "clickprompt_b")
@@ -280,7 +291,9 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
               "language model); `clickprompt_a` the same pre-training, then CTR model and language model together; "
               "`clickprompt_a_from_b` CTR model and language model together from the (b) run of the same seed "
               "(its CTR model, PLM and prompts), the PLM's scoring head starting at zero; `clickprompt_b_continued` "
-              "its control: the (b) run's CTR model trained on as many rows in as small batches, without the PLM.",
+              "its control: the (b) run's CTR model trained on as many rows in as small batches, without the PLM; "
+              "`clickprompt_a_frozen_ctr` the joint start from (b) with the CTR model frozen (only the PLM, prompts "
+              "and scoring head learn; its control is (b)).",
               "", environment_line(env), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print(f"wrote {stem}.md/.json")

@@ -165,6 +165,24 @@ def test_mode_a_and_its_control_from_a_finished_b_run_start_at_its_scores_and_ru
         torch.testing.assert_close(c_task.score(batch), b_task.score(batch))
 
 
+def test_mode_a_with_the_ctr_model_frozen_trains_only_the_language_side(setup, tmp_path):
+    from recsys.train.checkpoint import load_part
+
+    data, _, _ = setup
+    build_trainer(_cfg(setup, tmp_path, "b", "train.epochs=1")).fit()
+    frozen = _cfg(setup, tmp_path, "a", "method.clickprompt.finetune=joint", "train.epochs=1",
+                  f"method.clickprompt.start_from={tmp_path / 'b'}", "optim.embedding_lr=0",
+                  "optim.groups={dense: {lr: 0.0}, plm: {lr: 0.01}}")
+    build_trainer(frozen).fit()
+    schema = PreparedSchema.load(data)
+    b, a = (build_task(schema, frozen, device=torch.device("cpu")) for _ in range(2))
+    load_part(tmp_path / "b" / "checkpoints" / "best", b, target_prefix="model.", source_prefix="model.")
+    load_part(tmp_path / "a" / "checkpoints" / "best", a)
+    for name, tensor in b.model.state_dict().items():
+        torch.testing.assert_close(a.model.state_dict()[name], tensor, msg=f"{name} moved")
+    assert a.plm.score_head[-1].weight.abs().sum() > 0  # the scoring head left zero: the language side learned
+
+
 def test_mode_b_exports_and_scores_without_transformers(setup, tmp_path):
     from recsys.serve.artifact import export_run
 

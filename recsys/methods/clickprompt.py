@@ -220,7 +220,10 @@ class ClickPromptTask(Task):
         return (str(self.tokens / f"{split}.parquet"),)
 
     def param_groups(self) -> list[ParamGroup]:
-        return [ParamGroup("plm", ("plm.mlm.",), optimizer="adamw", lr=self.cfg.plm_lr, weight_decay=0.01)]
+        # "prompts" (the prompt generator, the joint scoring head and alpha) learn with the dense defaults; a group
+        # of their own lets a run freeze the CTR model (optim.groups={dense: {lr: 0}}) and train only them
+        return [ParamGroup("plm", ("plm.mlm.",), optimizer="adamw", lr=self.cfg.plm_lr, weight_decay=0.01),
+                ParamGroup("prompts", ("plm.generator.", "plm.score_head.", "alpha"))]
 
     def warm_start(self) -> dict[str, tuple[str, str]]:
         """``start_from``: the (b) run's best checkpoint holds its fine-tuned CTR model and, untouched by the CTR
