@@ -131,7 +131,7 @@ def test_pa_mlm_then_fine_tuning_through_the_trainer(setup, tmp_path, finetune):
 
 def test_mode_a_and_its_control_from_a_finished_b_run_start_at_its_scores_and_run_one_stage(setup, tmp_path):
     from recsys.data.loader import ParquetBatches
-    from recsys.train.checkpoint import load_part
+    from recsys.train.checkpoint import load_part, load_warm_start
 
     data, _, _ = setup
     b = build_trainer(_cfg(setup, tmp_path, "b", "train.epochs=1"))
@@ -142,8 +142,7 @@ def test_mode_a_and_its_control_from_a_finished_b_run_start_at_its_scores_and_ru
     b_task, a_task = (build_task(schema, c, device=torch.device("cpu"))
                       for c in (load_config(tmp_path / "b" / "config.yaml"), a_cfg))
     load_part(tmp_path / "b" / "checkpoints" / "best", b_task)
-    for prefix, (path, source) in a_task.warm_start().items():
-        load_part(path, a_task, target_prefix=prefix, source_prefix=source)
+    load_warm_start(a_task.warm_start(), a_task)
     assert [s.name for s in a_task.stages] == ["ctr"]
     batch = next(iter(ParquetBatches(data, "test", schema, 32, side_files=a_task.side_files("test"))))
     b_task.eval(), a_task.eval()
@@ -158,8 +157,7 @@ def test_mode_a_and_its_control_from_a_finished_b_run_start_at_its_scores_and_ru
     control = _cfg(setup, tmp_path, "c", f"method.clickprompt.start_from={tmp_path / 'b'}", "train.epochs=1")
     c_task = build_task(schema, control, device=torch.device("cpu"))
     assert set(c_task.warm_start()) == {"model."} and [s.name for s in c_task.stages] == ["ctr"]
-    for prefix, (path, source) in c_task.warm_start().items():
-        load_part(path, c_task, target_prefix=prefix, source_prefix=source)
+    load_warm_start(c_task.warm_start(), c_task)
     c_task.eval()
     with torch.no_grad():
         torch.testing.assert_close(c_task.score(batch), b_task.score(batch))

@@ -307,12 +307,12 @@ def _check_start_from(cfg: ExperimentConfig) -> None:
 
     theirs = load_config(run / "config.yaml")
     t = theirs.method.clickprompt
-    differ = [k for k, mine, other in (("method.name", cfg.method.name, theirs.method.name),
-                                        ("finetune", FineTune.CTR, t.finetune), ("pretrain", True, t.pretrain),
-                                        ("model.backbone", cfg.model.backbone, theirs.model.backbone),
-                                        ("data.path", cfg.data.path, theirs.data.path), ("plm", c.plm, t.plm),
-                                        ("prompt", c.prompt, t.prompt), ("prompt_length", c.prompt_length,
-                                                                         t.prompt_length)) if mine != other]
+    same = {"method.name": (cfg.method.name, theirs.method.name), "plm": (c.plm, t.plm),
+            "model.backbone": (cfg.model.backbone, theirs.model.backbone),
+            "data.path": (cfg.data.path, theirs.data.path), "prompt": (c.prompt, t.prompt),
+            "prompt_length": (c.prompt_length, t.prompt_length)}
+    differ = [k for k, (mine, other) in same.items() if mine != other]
+    differ += [k for k, is_b in (("finetune", t.finetune is FineTune.CTR), ("pretrain", t.pretrain)) if not is_b]
     if differ:
         raise ConfigError(f"method.clickprompt.start_from={run}: not a mode (b) run of this model (it differs in "
                           f"{', '.join(differ)})")
@@ -336,8 +336,8 @@ def _build(schema: PreparedSchema, cfg: ExperimentConfig, device: torch.device |
     special = [i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
                            tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None]
     plm = PromptedMLM(mlm, backbone.representation_dim, c, special, tokenizer.mask_token_id, tokenizer.pad_token_id)
-    stages = tuple(s for s, on in ((WARMUP, c.warmup and not c.start_from), (PRETRAIN, c.pretrain and not c.start_from))
-                   if on) + (CTR_STAGE,)
+    fresh = not c.start_from  # a (b) run's warm-up and PA-MLM are loaded, not rerun
+    stages = tuple(s for s, on in ((WARMUP, c.warmup), (PRETRAIN, c.pretrain)) if on and fresh) + (CTR_STAGE,)
     return ClickPromptTask(backbone, plm, c, stages)
 
 

@@ -229,3 +229,10 @@ def load_part(path: str | Path, module: nn.Module, target_prefix: str = "", sour
     # collection's load hook requires its tables to be present
     module.load_state_dict(module.state_dict() | loaded)
     return len(loaded)
+
+
+def load_warm_start(parts: dict[str, tuple[str, str]], module: nn.Module) -> list[tuple[str, str, int]]:
+    """Load a task's ``warm_start()`` parts (``{prefix: (checkpoint, source prefix)}``) into ``module`` (the task,
+    sharded or not); returns ``(prefix, checkpoint, tensors loaded)`` per part."""
+    return [(prefix, path, load_part(path, module, target_prefix=prefix, source_prefix=source))
+            for prefix, (path, source) in parts.items()]

@@ -39,7 +39,7 @@ from recsys.atomic import write_text_atomic
 from recsys.data.batch import Batch
 from recsys.data.loader import ParquetBatches, embedding_lookup
 from recsys.data.schema import PreparedSchema
-from recsys.train.checkpoint import Checkpointer, load_part
+from recsys.train.checkpoint import Checkpointer, load_warm_start
 from recsys.train.config import ConfigError, DataConfig, GroupOptimConfig, OptimConfig, TrainConfig
 from recsys.train.distributed import (
     DENSE_OPTIMIZERS,
@@ -185,8 +185,7 @@ class Trainer:
         self.plan_text = describe_plan(plan)
         self.embedding_mb_per_rank = self._embedding_mb_per_rank()
         if not started:  # a resumed run has these weights in its own checkpoint
-            for prefix, (path, source) in task.warm_start().items():
-                n = load_part(path, self.model, target_prefix=prefix, source_prefix=source)
+            for prefix, path, n in load_warm_start(task.warm_start(), self.model):
                 self._log(f"loaded {n} tensors of {prefix.rstrip('.')} from {path}")
         self.lookup = embedding_lookup(cfg.data.path, schema, cfg.data.min_count, cfg.data.unlabeled_splits)
         self.stage = task.stages[0]
