@@ -185,7 +185,7 @@ class _Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("after_epochs", [1, 3, 4])  # mid pre-training; at its end; mid fine-tuning
+@pytest.mark.parametrize("after_epochs", [1, 2, 3, 4])  # pre-training: mid, last epoch; fine-tuning: mid, last
 def test_a_run_interrupted_in_any_stage_resumes_to_the_same_result(tiny_prepared, tmp_path, monkeypatch,
                                                                      after_epochs):
     _, data, _ = tiny_prepared
@@ -212,6 +212,32 @@ def test_a_run_interrupted_in_any_stage_resumes_to_the_same_result(tiny_prepared
         b = json.loads((tmp_path / "b" / "staged" / sub).read_text())["history"]
         assert [h["epoch"] for h in b] == [h["epoch"] for h in a]  # no epoch repeated, none lost
         assert [h["train_loss"] for h in b] == [h["train_loss"] for h in a], sub
+
+
+def test_a_run_killed_before_the_next_stages_first_checkpoint_resumes_to_the_same_result(tiny_prepared, tmp_path,
+                                                                                          monkeypatch):
+    """Killed after pre-training finished, inside fine-tuning's first epoch: the resumed process must start
+    fine-tuning with the embedding optimizer's state (Adagrad's sums) as pre-training left it, as one process does."""
+    _, data, _ = tiny_prepared
+    straight = _staged(data, tmp_path / "a").fit()
+    train_epoch = Trainer.train_epoch
+
+    def killed_in_fine_tuning(self, epoch, state):
+        if self.stage.name == "ctr":
+            raise _Interrupted
+        return train_epoch(self, epoch, state)
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "train_epoch", killed_in_fine_tuning)
+        with pytest.raises(_Interrupted):
+            _staged(data, tmp_path / "b").fit()
+    assert not (tmp_path / "b" / "staged" / "checkpoints" / "last").exists()  # no fine-tuning epoch was saved
+    resumed = _staged(data, tmp_path / "b").fit()
+    a = json.loads((tmp_path / "a" / "staged" / "metrics.json").read_text())["history"]
+    b = json.loads((tmp_path / "b" / "staged" / "metrics.json").read_text())["history"]
+    assert [h["train_loss"] for h in b] == [h["train_loss"] for h in a]
+    for key in ("valid_auc", "test_auc", "test_logloss"):
+        assert resumed[key] == straight[key], key
 
 
 def test_unknown_stage_or_group_names_are_refused(tiny_prepared, tmp_path):

@@ -359,8 +359,21 @@ class Trainer:
         meta = ckpt.load(name, self.model, self.optimizer if with_optimizer else None)
         return RunState.from_meta(meta)
 
+    def _carry_embedding_optimizer(self, finished: Stage) -> None:
+        """The fused embedding optimizer's state as ``finished`` left it, for a run resumed after that stage.
+
+        The embedding optimizer lives in the sharded model, so in one process it carries from stage to stage
+        (Adagrad's sums included) while each stage's dense optimizers start fresh; a process that resumes after
+        ``finished`` ended restores that state from the stage's last checkpoint, else it would fine-tune from
+        zeroed sums and end elsewhere than the uninterrupted run.
+        """
+        self._enter(finished)
+        self._restore("last", stage=finished)
+        self._log(f"embedding optimizer state restored from stage {finished.name}'s last checkpoint")
+
     def _enter(self, stage: Stage) -> None:
-        """Make ``stage`` the current one: the task's forward, a fresh optimizer and pipeline for it."""
+        """Make ``stage`` the current one: the task's forward, fresh dense optimizers and pipeline for it (the
+        fused embedding optimizer is the model's and carries on)."""
         if stage is self.stage:
             return
         if self.pipeline is not None:
@@ -383,12 +396,16 @@ class Trainer:
             print(f"sharding plan ({env.world_size} rank(s), {env.device.type}):\n{self.plan_text}", flush=True)
         stages = self.task.stages
         samples_per_s: list[float] = []
+        ran_previous = False  # whether the previous stage trained in this process
         for i, stage in enumerate(stages):
             final = i == len(stages) - 1
             if not final and (self.stage_dir(stage) / "stage.json").is_file():
                 self._log(f"stage {stage.name}: finished in an earlier run")
                 continue
+            if i and not ran_previous and not self.checkpointers[stage.name].exists("last"):
+                self._carry_embedding_optimizer(stages[i - 1])
             self._enter(stage)
+            ran_previous = True
             samples_per_s = self._fit_stage(stage, previous=stages[i - 1] if i else None)
             if not final and env.is_main:
                 write_text_atomic(self.stage_dir(stage) / "stage.json",
