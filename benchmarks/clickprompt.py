@@ -5,6 +5,7 @@ model and language model together), per regime over seeds, and whether the promp
     python -m benchmarks.clickprompt --dataset ml-100k --joint-seeds 1        # mode (a): one seed, on a budget
     python -m benchmarks.clickprompt --dataset ml-100k --backbones deepfm --joint-seeds 1 2 3 --joint-start b
     python -m benchmarks.clickprompt --dataset ml-100k --backbones autoint --joint-seeds --record clickprompt_ml-100k_autoint
+    python -m benchmarks.clickprompt --dataset ml-100k --backbones deepfm --joint-seeds --diagnose --record clickprompt_ml-100k_diagnose
 
 Steps, each skipped when its output exists (rerun to resume):
 
@@ -19,7 +20,11 @@ Steps, each skipped when its output exists (rerun to resume):
    the same joint start with the CTR model frozen, so that only the language side learns (its control is (b));
 3. the prompt probe on each (b) run's pre-trained weights: masked-LM loss and accuracy on the validation rows
    (the same masks) of the PLM alone, with prompts from the pre-trained CTR model, and with prompts from a
-   randomly initialised CTR model. If the prompts carry the row's ID view, the second beats the third.
+   randomly initialised CTR model. If the prompts carry the row's ID view, the second beats the third;
+4. with ``--diagnose``, what in PA-MLM costs (b) its AUC: ``clickprompt_b_fresh`` fine-tunes from zeroed
+   embedding-optimizer state (not PA-MLM's Adagrad sums), ``clickprompt_b_dense_pretrained`` runs PA-MLM with the
+   embedding tables at rate 0 (the prompts shape only the dense layers). Each starts from the finished (b) stages
+   it would recompute bit for bit (hard links), so the first costs a CTR stage and the second a PA-MLM and one.
 
 On these 2 cores a pass of MiniLM over every training row does not fit, so pre-training runs on a row budget
 (``--warmup-steps``, ``--pretrain-steps`` of ``--mlm-batch`` rows per epoch, ``--warmup-epochs`` and
@@ -36,6 +41,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,10 +99,43 @@ def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
            for variant, mode in (("clickprompt_a_from_b", "joint"), ("clickprompt_b_continued", "ctr"),
                                  ("clickprompt_a_frozen_ctr", "joint"))},
     }
+    # (b) whose fine-tuning starts with zeroed Adagrad sums, as the reference's separate fine-tuning script starts
+    # with a new optimizer: PA-MLM's sums otherwise slow the CTR stage's embedding steps
+    out["clickprompt_b_fresh"] = [*out["clickprompt_b"], "train.fresh_embedding_optimizer=[ctr]"]
+    # (b) whose PA-MLM leaves the embedding tables as initialised (their rate 0 there): the prompts shape only the
+    # CTR model's dense layers, so (b)'s loss to the base is the tables' or the dense layers'
+    out["clickprompt_b_dense_pretrained"] = [*out["clickprompt_b"], _braced("train.stage_embedding_lr",
+                                                                            {"pretrain": 0.0})]
     # the CTR model frozen (embeddings and dense layers at rate 0): only the PLM, the prompts and the scoring
     # head learn, so the joint model's change from (b) is the language model's alone
     out["clickprompt_a_frozen_ctr"] += ["optim.embedding_lr=0", _braced("optim.groups", {"dense": {"lr": 0.0}})]
     return out
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system
+        shutil.copy2(src, dst)
+
+
+# the stages of (b) that each diagnostic variant would recompute bit for bit, as it changes only what follows
+SHARED_STAGES = {"clickprompt_b_fresh": ("warmup", "pretrain"), "clickprompt_b_dense_pretrained": ("warmup",)}
+
+
+def share_stages(data: str, backbone: str, seed: int, variant: str) -> None:
+    """Start ``variant``'s run with the seed's finished (b) stages it shares (a resumed run ends where an
+    uninterrupted one does, so they need not be recomputed; they are most of a (b) run's time here)."""
+    src, dst = (REPO / "runs" / "bench" / run_name(data, backbone, seed, v) for v in ("clickprompt_b", variant))
+    if (dst / "stages").exists() or (dst / "test_metrics.json").is_file():
+        return
+    missing = [st for st in SHARED_STAGES[variant] if not (src / "stages" / st / "stage.json").is_file()]
+    if missing:
+        raise RuntimeError(f"{src}: stage(s) {missing} have not finished; run (b) first")
+    shutil.rmtree(dst / ".stages.tmp", ignore_errors=True)  # an earlier, interrupted copy
+    for st in SHARED_STAGES[variant]:  # hard links: a finished stage's files are only read from now on
+        shutil.copytree(src / "stages" / st, dst / ".stages.tmp" / st, copy_function=_link_or_copy)
+    (dst / ".stages.tmp").rename(dst / "stages")  # all stages or none: a half copy is never taken as finished
 
 
 @torch.no_grad()
@@ -183,6 +223,9 @@ def main() -> int:
     p.add_argument("--joint-start", choices=["pretrain", "b"], default="pretrain",
                    help="mode (a) from the PA-MLM weights (the paper; variant clickprompt_a) or from the seed's "
                         "finished (b) run (clickprompt_a_from_b; each of --joint-seeds must be in --seeds)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="also two variants of (b) that find what in PA-MLM costs it AUC: clickprompt_b_fresh and "
+                        "clickprompt_b_dense_pretrained (each shares the seed's (b) stages it would recompute)")
     p.add_argument("--mlm-batch", type=int, default=64, help="rows per step in the language-model stages")
     p.add_argument("--warmup-steps", type=int, default=40, help="steps per warm-up epoch")
     p.add_argument("--warmup-epochs", type=int, default=1)
@@ -215,6 +258,10 @@ def main() -> int:
                                                       "clickprompt_b") for s in args.seeds]
         print(f"{backbone:<8} base {fmt([r['test_auc'] for r in results[backbone]['base']])}  (b) "
               f"{fmt([r['test_auc'] for r in results[backbone]['clickprompt_b']])}", flush=True)
+        for v in SHARED_STAGES if args.diagnose else ():
+            for s in args.seeds:
+                share_stages(data, backbone, s, v)
+            results[backbone][v] = [run_one(args.dataset, data, backbone, s, todo[v], v) for s in args.seeds]
         if backbone in args.joint_backbones and args.joint_seeds:
             joint = ["clickprompt_a"] if args.joint_start == "pretrain" else [
                 "clickprompt_a_from_b", "clickprompt_b_continued", "clickprompt_a_frozen_ctr"]
@@ -288,7 +335,10 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
     env = summary["environment"]
     lines += ["Variants: `base` the backbone alone (also the control: the same CTR model without PA-MLM); "
               "`clickprompt_b` warm-up, PA-MLM with prefix prompts, then the CTR model alone (served without the "
-              "language model); `clickprompt_a` the same pre-training, then CTR model and language model together; "
+              "language model); `clickprompt_b_fresh` (b) fine-tuned from zeroed embedding-optimizer state (Adagrad's sums "
+              "of PA-MLM not carried; the same warm-up and PA-MLM stages as (b)); `clickprompt_b_dense_pretrained` (b) "
+              "whose PA-MLM leaves the embedding tables as initialised (their learning rate 0 there), so the "
+              "prompts shape only the CTR model's dense layers; `clickprompt_a` the same pre-training, then CTR model and language model together; "
               "`clickprompt_a_from_b` CTR model and language model together from the (b) run of the same seed "
               "(its CTR model, PLM and prompts), the PLM's scoring head starting at zero; `clickprompt_b_continued` "
               "its control: the (b) run's CTR model trained on as many rows in as small batches, without the PLM; "

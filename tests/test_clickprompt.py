@@ -256,3 +256,33 @@ def test_a_killed_pre_training_resumes_where_it_stopped(setup, tmp_path, monkeyp
     a, b = (json.loads((tmp_path / x / "cp" / "stages" / "pretrain" / "metrics.json").read_text())["history"]
             for x in ("a", "b"))
     assert [h["valid_mlm_loss"] for h in a] == [h["valid_mlm_loss"] for h in b]
+
+
+
+@pytest.mark.parametrize(("variant", "override"), [("clickprompt_b_fresh", "train.fresh_embedding_optimizer=[ctr]"),
+                                                   ("clickprompt_b_dense_pretrained",
+                                                    "train.stage_embedding_lr={pretrain: 0.0}")])
+def test_a_diagnostic_variant_started_from_b_s_stages_ends_where_recomputing_them_does(setup, tmp_path, monkeypatch,
+                                                                                       variant, override):
+    """The benchmark starts each diagnostic variant of (b) from the (b) run's finished stages that it would
+    recompute; the run must end exactly where the variant run from scratch does, and apart from (b)."""
+    import benchmarks.clickprompt as bench
+
+    monkeypatch.setattr(bench, "REPO", tmp_path)
+    monkeypatch.setattr(bench, "run_name", lambda data, backbone, seed, v: f"{v}_s{seed}")
+    bench_dir = tmp_path / "runs" / "bench"
+
+    def run(out: Path, name: str, *overrides: str) -> dict:
+        return build_trainer(_cfg(setup, out, name, "method.clickprompt.warmup=true", *overrides)).fit()
+
+    b = run(bench_dir, "clickprompt_b_s1")
+    scratch = run(tmp_path / "scratch", variant, override)
+    bench.share_stages("d", "dcnv2", 1, variant)
+    assert sorted(p.name for p in (bench_dir / f"{variant}_s1" / "stages").iterdir()) == sorted(
+        bench.SHARED_STAGES[variant])
+    shared = run(bench_dir, f"{variant}_s1", override)
+    for key in ("valid_auc", "test_auc", "test_logloss"):
+        assert shared[key] == scratch[key], key
+    assert shared["test_logloss"] != b["test_logloss"]
+    with pytest.raises(RuntimeError, match="have not finished"):
+        bench.share_stages("d", "dcnv2", 2, variant)  # no (b) run for seed 2

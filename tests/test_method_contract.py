@@ -14,6 +14,7 @@ import pytest
 import torch
 from staged_task import PRETRAIN, StagedTask
 from synthetic_tables import random_method_tables
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from recsys.data.schema import PreparedSchema
 from recsys.experiment import build_trainer, load_config
@@ -214,12 +215,15 @@ def test_a_run_interrupted_in_any_stage_resumes_to_the_same_result(tiny_prepared
         assert [h["train_loss"] for h in b] == [h["train_loss"] for h in a], sub
 
 
+@pytest.mark.parametrize("fresh", [False, True], ids=["carried", "fresh"])
 def test_a_run_killed_before_the_next_stages_first_checkpoint_resumes_to_the_same_result(tiny_prepared, tmp_path,
-                                                                                          monkeypatch):
+                                                                                          monkeypatch, fresh):
     """Killed after pre-training finished, inside fine-tuning's first epoch: the resumed process must start
-    fine-tuning with the embedding optimizer's state (Adagrad's sums) as pre-training left it, as one process does."""
+    fine-tuning with the embedding optimizer's state (Adagrad's sums) as pre-training left it, as one process does
+    (or zeroed, where the stage asks for a fresh optimizer)."""
     _, data, _ = tiny_prepared
-    straight = _staged(data, tmp_path / "a").fit()
+    overrides = ["train.fresh_embedding_optimizer=[ctr]"] if fresh else []
+    straight = _staged(data, tmp_path / "a", *overrides).fit()
     train_epoch = Trainer.train_epoch
 
     def killed_in_fine_tuning(self, epoch, state):
@@ -230,14 +234,71 @@ def test_a_run_killed_before_the_next_stages_first_checkpoint_resumes_to_the_sam
     with monkeypatch.context() as m:
         m.setattr(Trainer, "train_epoch", killed_in_fine_tuning)
         with pytest.raises(_Interrupted):
-            _staged(data, tmp_path / "b").fit()
+            _staged(data, tmp_path / "b", *overrides).fit()
     assert not (tmp_path / "b" / "staged" / "checkpoints" / "last").exists()  # no fine-tuning epoch was saved
-    resumed = _staged(data, tmp_path / "b").fit()
+    resumed = _staged(data, tmp_path / "b", *overrides).fit()
     a = json.loads((tmp_path / "a" / "staged" / "metrics.json").read_text())["history"]
     b = json.loads((tmp_path / "b" / "staged" / "metrics.json").read_text())["history"]
     assert [h["train_loss"] for h in b] == [h["train_loss"] for h in a]
     for key in ("valid_auc", "test_auc", "test_logloss"):
         assert resumed[key] == straight[key], key
+
+
+def _fbgemm_optimizer_state(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The embedding optimizer's state as FBGEMM's kernels hold it (not the optimizer's views of it); the sharded
+    modules keep their lookups in a plain list, out of ``modules()``."""
+    kernels = [k for m in model.modules() for lookup in getattr(m, "_lookups", [])
+               for k in lookup.modules() if hasattr(k, "split_optimizer_states")]
+    assert kernels
+    return [t for k in kernels for states in k.split_optimizer_states() for t in states]
+
+
+def test_a_stage_named_fresh_starts_with_zeroed_embedding_optimizer_state(tiny_prepared, tmp_path, monkeypatch):
+    _, data, _ = tiny_prepared
+    at_start: dict[str, float] = {}
+    train_epoch = Trainer.train_epoch
+
+    def spy(self, epoch, state):
+        if self.stage.name == "ctr" and self.cfg.train.out_dir not in at_start:
+            at_start[self.cfg.train.out_dir] = sum(float(t.abs().sum()) for t in _fbgemm_optimizer_state(self.model))
+        return train_epoch(self, epoch, state)
+
+    monkeypatch.setattr(Trainer, "train_epoch", spy)
+    _staged(data, tmp_path / "a").fit()
+    _staged(data, tmp_path / "b", "train.fresh_embedding_optimizer=[ctr]").fit()
+    assert at_start[str(tmp_path / "a")] > 0  # pre-training's sums, carried into fine-tuning by default
+    assert at_start[str(tmp_path / "b")] == 0
+    losses = [[h["train_loss"] for h in json.loads((tmp_path / run / "staged" / "metrics.json").read_text())["history"]]
+              for run in ("a", "b")]
+    assert losses[0][0] != losses[1][0]  # the kernels step with the zeroed sums
+    with pytest.raises(ConfigError, match="unknown stage"):
+        _staged(data, tmp_path / "c", "train.fresh_embedding_optimizer=[fine_tune]")
+
+
+def _embedding_weights(model: torch.nn.Module) -> torch.Tensor:
+    """This rank's shards of every table, in one vector."""
+    return torch.cat([shard.tensor.flatten() for t in model.state_dict().values() if isinstance(t, ShardedTensor)
+                      for shard in t.local_shards()])
+
+
+def test_a_stage_can_take_its_own_embedding_learning_rate(tiny_prepared, tmp_path, monkeypatch):
+    """At rate 0 in pre-training the tables leave it as they entered (the dense layers learn); the CTR stage
+    then trains them at optim.embedding_lr."""
+    _, data, _ = tiny_prepared
+    weights: list[torch.Tensor] = []
+    train_epoch = Trainer.train_epoch
+
+    def spy(self, epoch, state):
+        if not weights or self.stage.name == "ctr" and len(weights) == 1:
+            weights.append(_embedding_weights(self.model).clone())
+        return train_epoch(self, epoch, state)
+
+    monkeypatch.setattr(Trainer, "train_epoch", spy)
+    trainer = _staged(data, tmp_path, "train.stage_embedding_lr={pretrain: 0.0}")
+    trainer.fit()
+    assert len(weights) == 2 and torch.equal(weights[0], weights[1])  # pre-training left the tables alone
+    assert not torch.equal(_embedding_weights(trainer.model), weights[1])  # fine-tuning moved them
+    assert trainer.model.fused_optimizer.param_groups[0]["lr"] == trainer.cfg.optim.embedding_lr
 
 
 def test_unknown_stage_or_group_names_are_refused(tiny_prepared, tmp_path):

@@ -88,6 +88,11 @@ class TrainConfig:
     # the global training (and validation) batch of named stages (default data.batch_size and
     # data.eval_batch_size), e.g. {pretrain: 64}
     stage_batch_size: dict[str, int] = field(default_factory=dict)
+    # the embedding learning rate of named stages (default optim.embedding_lr), e.g. {pretrain: 0.0}
+    stage_embedding_lr: dict[str, float] = field(default_factory=dict)
+    # named stages that start with the fused embedding optimizer's state zeroed (Adagrad's sums), as a fine-tuning
+    # script that builds a new optimizer would, e.g. [ctr]; by default it carries on from the stage before
+    fresh_embedding_optimizer: list[str] = field(default_factory=list)
     # validate named (non-final) stages on at most this many batches of the validation split, e.g. {pretrain: 20}
     stage_eval_steps: dict[str, int] = field(default_factory=dict)
 

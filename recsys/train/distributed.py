@@ -275,5 +275,26 @@ def embedding_bytes(dmp: DistributedModelParallel) -> int:
     return total
 
 
+def set_fused_learning_rate(dmp: DistributedModelParallel, lr: float) -> None:
+    """The fused embedding optimizer's learning rate from the next backward on (FBGEMM takes it on ``step()``;
+    the updates themselves run inside backward)."""
+    for group in dmp.fused_optimizer.param_groups:
+        group["lr"] = lr
+    dmp.fused_optimizer.step()
+
+
+def zero_fused_optimizer_state(dmp: DistributedModelParallel) -> None:
+    """Zero this rank's fused embedding optimizer state (e.g. Adagrad's sums) in place: a fresh optimizer."""
+    for state in dmp.fused_optimizer.state.values():
+        for t in state.values():
+            if isinstance(t, ShardedTensor):
+                for shard in t.local_shards():
+                    shard.tensor.zero_()
+            elif isinstance(t, DTensor):
+                t.to_local().zero_()
+            elif isinstance(t, torch.Tensor):
+                t.zero_()
+
+
 def dense_parameters(dmp: nn.Module) -> dict[str, nn.Parameter]:
     return dict(in_backward_optimizer_filter(dmp.named_parameters()))

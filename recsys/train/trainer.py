@@ -51,6 +51,8 @@ from recsys.train.distributed import (
     embedding_bytes,
     fuse_embedding_optimizer,
     plan_and_shard,
+    set_fused_learning_rate,
+    zero_fused_optimizer_state,
 )
 from recsys.train.plots import plot_curves
 from recsys.train.task import ParamGroup, Stage, Task
@@ -163,7 +165,8 @@ class Trainer:
         names = [s.name for s in task.stages]
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"{type(task).__name__} must declare uniquely named stages, got {names}")
-        for key in ("stage_epochs", "stage_steps", "stage_eval_steps", "stage_batch_size"):
+        for key in ("stage_epochs", "stage_steps", "stage_eval_steps", "stage_batch_size", "stage_embedding_lr",
+                    "fresh_embedding_optimizer"):
             unknown = sorted(set(getattr(cfg.train, key)) - set(names))
             if unknown:
                 raise ConfigError(f"train.{key} names unknown stage(s) {unknown}; this task's stages: {names}")
@@ -444,6 +447,13 @@ class Trainer:
         elif previous is not None:
             self._restore("best", with_optimizer=False, stage=previous)
             self._log(f"stage {stage.name} starts from stage {previous.name}'s best checkpoint")
+            if stage.name in cfg.train.fresh_embedding_optimizer:
+                zero_fused_optimizer_state(self.model)
+                self._log(f"stage {stage.name}: embedding optimizer state zeroed (train.fresh_embedding_optimizer)")
+        lr = cfg.train.stage_embedding_lr.get(stage.name, cfg.optim.embedding_lr)
+        set_fused_learning_rate(self.model, lr)
+        if stage.name in cfg.train.stage_embedding_lr:
+            self._log(f"stage {stage.name}: embedding learning rate {lr:g} (train.stage_embedding_lr)")
         epochs = self.stage_epochs(stage)
         samples_per_s = []
         while state.epoch + 1 < epochs and not state.stopped_early:
