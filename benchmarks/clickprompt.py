@@ -318,9 +318,10 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
                   "| prompts | MLM loss | MLM accuracy |", "|---|---|---|"]
         lines += [f"| {k} | {x['mlm_loss']:.4f} | {x['mlm_accuracy']:.4f} |" for k, x in pr.items()]
         st = summary["stages"][b]
-        lines += ["", f"Language-model stages (seed {args.seeds[0]}): " + "; ".join(
-            f"{name}: validation MLM loss {h[0]['valid_mlm_loss']:.3f} -> {h[-1]['valid_mlm_loss']:.3f}, accuracy "
-            f"{h[0]['valid_mlm_accuracy']:.3f} -> {h[-1]['valid_mlm_accuracy']:.3f}" for name, h in st.items()), ""]
+        # after each epoch, in order (the value before the warm-up is the probe's first row)
+        lines += ["", f"Language-model stages (seed {args.seeds[0]}), validation after each epoch: " + "; ".join(
+            f"{name}: MLM loss {_epochs(h, 'valid_mlm_loss')}, accuracy {_epochs(h, 'valid_mlm_accuracy')}"
+            for name, h in st.items()), ""]
     if cost:
         lines += [f"## Serving cost ({cost['backbone']})", "", "`task.score` (the served logit), unsharded, eval mode, "
                   "one call of each model per round in turn, median. (b) is served without the language model.", "",
@@ -347,6 +348,10 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
               "", environment_line(env), ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     print(f"wrote {stem}.md/.json")
+
+
+def _epochs(history: list[dict], key: str) -> str:
+    return " -> ".join(f"{h[key]:.3f}" for h in history)
 
 
 def _stage_histories(data: str, backbone: str, seed: int) -> dict[str, list[dict]]:
