@@ -6,8 +6,8 @@
         --variants elec_gain elec_student_score control_student_score
 
 A variant's runs come from ``quality_<data>_<variant>.json`` or, with ``--record``, from that record (the ELEC
-benchmark keeps all its variants in one). The reference is the base model (``quality_<data>.json``) or
-another variant (``--reference``: a control such as a random-vector table, or a student distilled without a
+benchmark keeps all its variants in one). The reference is the base model (the record's own base runs where
+it has them, trained beside its variants, else ``quality_<data>.json``) or another variant (``--reference``: a control such as a random-vector table, or a student distilled without a
 language model). Runs are paired by seed (same seed, same data order, same initial weights for the parts
 both share); each cell is the mean difference variant − reference over the seeds, its 95% interval, and the
 verdict of a two-sided paired t-test at 5% (better / worse / within noise). Regimes: all, warm, cold user,
@@ -28,19 +28,25 @@ METRICS = ["all", "warm", "cold_user", "cold_item", "long_tail", "gauc"]
 
 
 def load_runs(data: str, name: str, record: str | None) -> dict:
-    """``{"seeds": [...], "backbones": {backbone: per-seed figures}}`` of the base or a variant."""
-    if name == "base" or record is None:
+    """``{"seeds": [...], "backbones": {backbone: per-seed figures}}`` of the base or a variant. The base comes
+    from the record where it holds base runs (trained beside its variants, so the pairs share one commit and
+    data), else from ``quality_<data>.json``."""
+    if record is None or (name == "base" and not _has_base(record)):
         path = RESULTS / (f"quality_{data}.json" if name == "base" else f"quality_{data}_{name}.json")
-        if not path.is_file() and record is None:
+        if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run `python -m benchmarks.quality` for it")
-        if path.is_file():
-            r = json.loads(path.read_text())
-            return {"seeds": r["seeds"], "backbones": r["backbones"], "command": _command(r)}
+        r = json.loads(path.read_text())
+        return {"seeds": r["seeds"], "backbones": r["backbones"], "command": _command(r)}
     r = json.loads((RESULTS / f"{record}.json").read_text())
     runs = {b: vs[name] for b, vs in r["runs"].items() if name in vs}
     if not runs:
         raise KeyError(f"{record}.json has no runs of {name!r}")
     return {"seeds": r["seeds"], "backbones": runs, "command": _command(r)}
+
+
+def _has_base(record: str) -> bool:
+    r = json.loads((RESULTS / f"{record}.json").read_text())
+    return any("base" in vs for vs in r.get("runs", {}).values())
 
 
 def _command(record: dict) -> str:
@@ -129,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         same_base(args.data, args.record, args.reference_record)
     backbones = args.backbones or [b for b in reference["backbones"]
                                    if any(b in v["backbones"] for v in variants.values())]
+    if missing := [b for b in backbones if b not in reference["backbones"]]:
+        raise SystemExit(f"no {args.reference} runs of {', '.join(missing)} to compare with")
     table: dict[str, dict[str, dict]] = {}
     for b in backbones:
         table[b] = {}

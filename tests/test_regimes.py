@@ -246,3 +246,23 @@ def test_runs_of_two_records_are_paired_only_when_their_base_runs_agree(tmp_path
     record("b", [0.80, 0.8105, 0.82], "old")  # another base model: seed 2 differs
     with pytest.raises(SystemExit, match="seed 2"):
         compare.main(argv)
+
+
+def test_a_record_s_variants_are_paired_with_the_base_runs_trained_beside_them(tmp_path, monkeypatch):
+    import benchmarks.compare as compare
+
+    monkeypatch.setattr(compare, "RESULTS", tmp_path)
+    # the quality record's base is another run of the model (another commit): pairing with it would shift every cell
+    (tmp_path / "quality_d.json").write_text(json.dumps({"seeds": [1, 2, 3], "command": "quality",
+                                                         "backbones": {"deepfm": {"test_auc": [0.9, 0.9, 0.9]}}}))
+    runs = {"deepfm": {"base": {"test_auc": [0.80, 0.81, 0.82]}, "new": {"test_auc": [0.81, 0.82, 0.83]}}}
+    (tmp_path / "r.json").write_text(json.dumps({"seeds": [1, 2, 3], "command": "r", "runs": runs}))
+    assert compare.main(["--data", "d", "--record", "r", "--variants", "new", "--out", "o"]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["table"]["deepfm"]["new"]["all"]["mean"] == \
+        pytest.approx(0.01)
+    # a record without base runs is paired with the quality record's
+    del runs["deepfm"]["base"]
+    (tmp_path / "r.json").write_text(json.dumps({"seeds": [1, 2, 3], "command": "r", "runs": runs}))
+    assert compare.main(["--data", "d", "--record", "r", "--variants", "new", "--out", "o"]) == 0
+    assert json.loads((tmp_path / "o.json").read_text())["table"]["deepfm"]["new"]["all"]["mean"] == \
+        pytest.approx(-0.08)
