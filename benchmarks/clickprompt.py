@@ -25,6 +25,7 @@ Steps, each skipped when its output exists (rerun to resume):
    embedding-optimizer state (not PA-MLM's Adagrad sums), ``clickprompt_b_dense_pretrained`` runs PA-MLM with the
    embedding tables at rate 0 (the prompts shape only the dense layers). Each starts from the finished (b) stages
    it would recompute bit for bit (hard links), so the first costs a CTR stage and the second a PA-MLM and one.
+   The prompt probe runs on the second's pre-trained weights too: do its prompts still carry the ID view?
 
 On these 2 cores a pass of MiniLM over every training row does not fit, so pre-training runs on a row budget
 (``--warmup-steps``, ``--pretrain-steps`` of ``--mlm-batch`` rows per epoch, ``--warmup-epochs`` and
@@ -269,6 +270,11 @@ def main() -> int:
                 results[backbone][v] = [run_one(args.dataset, data, backbone, s, todo[v], v) for s in args.joint_seeds]
         run = REPO / "runs" / "bench" / run_name(data, backbone, args.seeds[0], "clickprompt_b")
         probes[backbone] = prompt_probe(run, args.probe_batches)
+        if args.diagnose:  # with the tables left as initialised in PA-MLM, do the prompts still carry the ID view?
+            frozen = prompt_probe(run.with_name(run_name(data, backbone, args.seeds[0], "clickprompt_b_dense_pretrained")),
+                                  args.probe_batches)
+            probes[backbone] |= {f"{k}, tables frozen in PA-MLM": frozen[k]
+                                 for k in ("no prompts", "pre-trained CTR model", "random CTR model")}
     cost_backbone, seed = args.backbones[0], args.seeds[0]
     cost = {"backbone": cost_backbone, "seed": seed, "batches": serving_cost(
         *(REPO / "runs" / "bench" / run_name(data, cost_backbone, seed, v) for v in ("base", "clickprompt_b")),
