@@ -140,11 +140,12 @@ def share_stages(data: str, backbone: str, seed: int, variant: str) -> None:
 
 
 @torch.no_grad()
-def prompt_probe(run: Path, batches: int) -> dict[str, float]:
+def prompt_probe(run: Path, batches: int, before_pretrain: bool = True) -> dict[str, float]:
     """Masked-LM loss and accuracy on validation rows, with the same masks: the packaged PLM as loaded (its MLM
-    head's transform untrained) and after the warm-up, both without prompts (what the warm-up did); then the
-    run's pre-trained weights with no prompts, with prompts from the pre-trained CTR model and with prompts from
-    a randomly initialised CTR model (whether the prompts carry the row's ID view)."""
+    head's transform untrained) and after the warm-up, both without prompts (what the warm-up did; skipped
+    without ``before_pretrain``, for a run that shares another's warm-up); then the run's pre-trained weights
+    with no prompts, with prompts from the pre-trained CTR model and with prompts from a randomly initialised
+    CTR model (whether the prompts carry the row's ID view)."""
     from recsys.data.loader import ParquetBatches, embedding_lookup
     from recsys.data.schema import PreparedSchema
     from recsys.experiment import build_task, load_config
@@ -154,23 +155,26 @@ def prompt_probe(run: Path, batches: int) -> dict[str, float]:
     cfg = load_config(run / "config.yaml")
     schema = PreparedSchema.load(cfg.data.path)
     torch.manual_seed(12345)
+    # built in this order whatever is probed, so that the random CTR model's weights do not depend on it
     packaged = build_task(schema, cfg, device=torch.device("cpu"))  # the PLM as loaded, before any stage
     warmed = build_task(schema, cfg, device=torch.device("cpu"))
-    load_part(run / "stages" / "warmup" / "checkpoints" / "best", warmed)
     task = build_task(schema, cfg, device=torch.device("cpu"))
     load_part(run / "stages" / "pretrain" / "checkpoints" / "best", task)
     random_ctr = build_task(schema, cfg, device=torch.device("cpu")).model  # fresh CTR weights, same shapes
-    for t in (packaged, warmed, task):
+    probes = {}
+    if before_pretrain:
+        load_part(run / "stages" / "warmup" / "checkpoints" / "best", warmed)
+        probes = {"packaged PLM, before the warm-up": (packaged, lambda b: None),
+                  "after the warm-up": (warmed, lambda b: None)}
+    probes |= {"no prompts": (task, lambda b: None),
+               "pre-trained CTR model": (task, lambda b: task.model(b).representation),
+               "random CTR model": (task, lambda b: random_ctr(b).representation)}
+    for t, _ in probes.values():
         t.eval()
         t.set_stage(PRETRAIN)
     random_ctr.eval()
     loader = ParquetBatches(cfg.data.path, "valid", schema, 64, side_files=task.side_files("valid"),
                             lookup=embedding_lookup(cfg.data.path, schema, cfg.data.min_count))
-    probes = {"packaged PLM, before the warm-up": (packaged, lambda b: None),
-              "after the warm-up": (warmed, lambda b: None),
-              "no prompts": (task, lambda b: None),
-              "pre-trained CTR model": (task, lambda b: task.model(b).representation),
-              "random CTR model": (task, lambda b: random_ctr(b).representation)}
     sums = {k: [0.0, 0.0, 0.0] for k in probes}
     for name, (t, rep_of) in probes.items():
         t.plm.reset_eval_masks()
@@ -272,9 +276,8 @@ def main() -> int:
         probes[backbone] = prompt_probe(run, args.probe_batches)
         if args.diagnose:  # with the tables left as initialised in PA-MLM, do the prompts still carry the ID view?
             frozen = prompt_probe(run.with_name(run_name(data, backbone, args.seeds[0], "clickprompt_b_dense_pretrained")),
-                                  args.probe_batches)
-            probes[backbone] |= {f"{k}, tables frozen in PA-MLM": frozen[k]
-                                 for k in ("no prompts", "pre-trained CTR model", "random CTR model")}
+                                  args.probe_batches, before_pretrain=False)  # its warm-up is (b)'s, probed above
+            probes[backbone] |= {f"{k}, tables frozen in PA-MLM": v for k, v in frozen.items()}
     cost_backbone, seed = args.backbones[0], args.seeds[0]
     cost = {"backbone": cost_backbone, "seed": seed, "batches": serving_cost(
         *(REPO / "runs" / "bench" / run_name(data, cost_backbone, seed, v) for v in ("base", "clickprompt_b")),
