@@ -6,6 +6,7 @@ model and language model together), per regime over seeds, and whether the promp
     python -m benchmarks.clickprompt --dataset ml-100k --backbones deepfm --joint-seeds 1 2 3 --joint-start b
     python -m benchmarks.clickprompt --dataset ml-100k --backbones autoint --joint-seeds --record clickprompt_ml-100k_autoint
     python -m benchmarks.clickprompt --dataset ml-100k --backbones deepfm --joint-seeds --diagnose --record clickprompt_ml-100k_diagnose
+    python -m benchmarks.clickprompt --dataset ml-100k --backbones dcnv2 --joint-seeds --diagnose clickprompt_b_tables_pretrained --record clickprompt_ml-100k_diagnose_dcnv2_tables
 
 Steps, each skipped when its output exists (rerun to resume):
 
@@ -23,9 +24,11 @@ Steps, each skipped when its output exists (rerun to resume):
    randomly initialised CTR model. If the prompts carry the row's ID view, the second beats the third;
 4. with ``--diagnose``, what in PA-MLM costs (b) its AUC: ``clickprompt_b_fresh`` fine-tunes from zeroed
    embedding-optimizer state (not PA-MLM's Adagrad sums), ``clickprompt_b_dense_pretrained`` runs PA-MLM with the
-   embedding tables at rate 0 (the prompts shape only the dense layers). Each starts from the finished (b) stages
-   it would recompute bit for bit (hard links), so the first costs a CTR stage and the second a PA-MLM and one.
-   The prompt probe runs on the second's pre-trained weights too: do its prompts still carry the ID view?
+   embedding tables at rate 0 (the prompts shape only the dense layers), ``clickprompt_b_tables_pretrained`` with
+   the CTR model's dense layers at rate 0 (``--diagnose`` names the variants; none named: the first two). Each
+   starts from the finished (b) stages it would recompute bit for bit (hard links), so the first costs a CTR stage
+   and the others a PA-MLM and one. The prompt probe runs on those two's pre-trained weights too: do their
+   prompts still carry the ID view?
 
 On these 2 cores a pass of MiniLM over every training row does not fit, so pre-training runs on a row budget
 (``--warmup-steps``, ``--pretrain-steps`` of ``--mlm-batch`` rows per epoch, ``--warmup-epochs`` and
@@ -107,6 +110,10 @@ def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
     # CTR model's dense layers, so (b)'s loss to the base is the tables' or the dense layers'
     out["clickprompt_b_dense_pretrained"] = [*out["clickprompt_b"], _braced("train.stage_embedding_lr",
                                                                             {"pretrain": 0.0})]
+    # its mirror: PA-MLM leaves the CTR model's dense layers as initialised (the tables and the prompt generator
+    # learn), so (b) fine-tunes from PA-MLM's tables alone
+    out["clickprompt_b_tables_pretrained"] = [*out["clickprompt_b"], _braced("train.stage_group_lr",
+                                                                             {"pretrain": {"dense": 0.0}})]
     # the CTR model frozen (embeddings and dense layers at rate 0): only the PLM, the prompts and the scoring
     # head learn, so the joint model's change from (b) is the language model's alone
     out["clickprompt_a_frozen_ctr"] += ["optim.embedding_lr=0", _braced("optim.groups", {"dense": {"lr": 0.0}})]
@@ -121,7 +128,11 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 # the stages of (b) that each diagnostic variant would recompute bit for bit, as it changes only what follows
-SHARED_STAGES = {"clickprompt_b_fresh": ("warmup", "pretrain"), "clickprompt_b_dense_pretrained": ("warmup",)}
+SHARED_STAGES = {"clickprompt_b_fresh": ("warmup", "pretrain"), "clickprompt_b_dense_pretrained": ("warmup",),
+                 "clickprompt_b_tables_pretrained": ("warmup",)}
+# what each variant with a PA-MLM of its own keeps of PA-MLM, as the prompt probe's rows name it
+OWN_PRETRAIN = {"clickprompt_b_dense_pretrained": "tables frozen in PA-MLM",
+                "clickprompt_b_tables_pretrained": "dense layers frozen in PA-MLM"}
 
 
 def share_stages(data: str, backbone: str, seed: int, variant: str) -> None:
@@ -228,9 +239,10 @@ def main() -> int:
     p.add_argument("--joint-start", choices=["pretrain", "b"], default="pretrain",
                    help="mode (a) from the PA-MLM weights (the paper; variant clickprompt_a) or from the seed's "
                         "finished (b) run (clickprompt_a_from_b; each of --joint-seeds must be in --seeds)")
-    p.add_argument("--diagnose", action="store_true",
-                   help="also two variants of (b) that find what in PA-MLM costs it AUC: clickprompt_b_fresh and "
-                        "clickprompt_b_dense_pretrained (each shares the seed's (b) stages it would recompute)")
+    p.add_argument("--diagnose", nargs="*", choices=sorted(SHARED_STAGES), default=None,
+                   help="also variants of (b) that find what in PA-MLM costs it AUC (each shares the seed's (b) "
+                        "stages it would recompute); none named: clickprompt_b_fresh and "
+                        "clickprompt_b_dense_pretrained")
     p.add_argument("--mlm-batch", type=int, default=64, help="rows per step in the language-model stages")
     p.add_argument("--warmup-steps", type=int, default=40, help="steps per warm-up epoch")
     p.add_argument("--warmup-epochs", type=int, default=1)
@@ -248,6 +260,8 @@ def main() -> int:
     if args.joint_start == "b" and not set(args.joint_seeds) <= set(args.seeds):
         p.error(f"--joint-start b: mode (a) starts from each seed's (b) run; --joint-seeds {args.joint_seeds} must "
                 f"be among --seeds {args.seeds}")
+    if args.diagnose == []:
+        args.diagnose = ["clickprompt_b_fresh", "clickprompt_b_dense_pretrained"]
     data = data_name(args.dataset, args.split)
     prepare_data(args.dataset, args.split)
     tokens = REPO / "runs" / "features" / data / "row_tokens"
@@ -263,7 +277,7 @@ def main() -> int:
                                                       "clickprompt_b") for s in args.seeds]
         print(f"{backbone:<8} base {fmt([r['test_auc'] for r in results[backbone]['base']])}  (b) "
               f"{fmt([r['test_auc'] for r in results[backbone]['clickprompt_b']])}", flush=True)
-        for v in SHARED_STAGES if args.diagnose else ():
+        for v in args.diagnose or ():
             for s in args.seeds:
                 share_stages(data, backbone, s, v)
             results[backbone][v] = [run_one(args.dataset, data, backbone, s, todo[v], v) for s in args.seeds]
@@ -274,10 +288,11 @@ def main() -> int:
                 results[backbone][v] = [run_one(args.dataset, data, backbone, s, todo[v], v) for s in args.joint_seeds]
         run = REPO / "runs" / "bench" / run_name(data, backbone, args.seeds[0], "clickprompt_b")
         probes[backbone] = prompt_probe(run, args.probe_batches)
-        if args.diagnose:  # with the tables left as initialised in PA-MLM, do the prompts still carry the ID view?
-            frozen = prompt_probe(run.with_name(run_name(data, backbone, args.seeds[0], "clickprompt_b_dense_pretrained")),
-                                  args.probe_batches, before_pretrain=False)  # its warm-up is (b)'s, probed above
-            probes[backbone] |= {f"{k}, tables frozen in PA-MLM": v for k, v in frozen.items()}
+        for v in [v for v in args.diagnose or () if v in OWN_PRETRAIN]:  # part of the CTR model frozen in PA-MLM:
+            # do the prompts still carry the ID view? (its warm-up is (b)'s, probed above)
+            frozen = prompt_probe(run.with_name(run_name(data, backbone, args.seeds[0], v)), args.probe_batches,
+                                  before_pretrain=False)
+            probes[backbone] |= {f"{k}, {OWN_PRETRAIN[v]}": val for k, val in frozen.items()}
     cost_backbone, seed = args.backbones[0], args.seeds[0]
     cost = {"backbone": cost_backbone, "seed": seed, "batches": serving_cost(
         *(REPO / "runs" / "bench" / run_name(data, cost_backbone, seed, v) for v in ("base", "clickprompt_b")),
@@ -348,7 +363,9 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
               "language model); `clickprompt_b_fresh` (b) fine-tuned from zeroed embedding-optimizer state (Adagrad's sums "
               "of PA-MLM not carried; the same warm-up and PA-MLM stages as (b)); `clickprompt_b_dense_pretrained` (b) "
               "whose PA-MLM leaves the embedding tables as initialised (their learning rate 0 there), so the "
-              "prompts shape only the CTR model's dense layers; `clickprompt_a` the same pre-training, then CTR model and language model together; "
+              "prompts shape only the CTR model's dense layers; `clickprompt_b_tables_pretrained` (b) whose PA-MLM "
+              "leaves the CTR model's dense layers as initialised (their learning rate 0 there), so (b) fine-tunes "
+              "from PA-MLM's tables alone; `clickprompt_a` the same pre-training, then CTR model and language model together; "
               "`clickprompt_a_from_b` CTR model and language model together from the (b) run of the same seed "
               "(its CTR model, PLM and prompts), the PLM's scoring head starting at zero; `clickprompt_b_continued` "
               "its control: the (b) run's CTR model trained on as many rows in as small batches, without the PLM; "

@@ -261,7 +261,9 @@ def test_a_killed_pre_training_resumes_where_it_stopped(setup, tmp_path, monkeyp
 
 @pytest.mark.parametrize(("variant", "override"), [("clickprompt_b_fresh", "train.fresh_embedding_optimizer=[ctr]"),
                                                    ("clickprompt_b_dense_pretrained",
-                                                    "train.stage_embedding_lr={pretrain: 0.0}")])
+                                                    "train.stage_embedding_lr={pretrain: 0.0}"),
+                                                   ("clickprompt_b_tables_pretrained",
+                                                    "train.stage_group_lr={pretrain: {dense: 0.0}}")])
 def test_a_diagnostic_variant_started_from_b_s_stages_ends_where_recomputing_them_does(setup, tmp_path, monkeypatch,
                                                                                        variant, override):
     """The benchmark starts each diagnostic variant of (b) from the (b) run's finished stages that it would

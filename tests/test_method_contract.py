@@ -301,6 +301,36 @@ def test_a_stage_can_take_its_own_embedding_learning_rate(tiny_prepared, tmp_pat
     assert trainer.model.fused_optimizer.param_groups[0]["lr"] == trainer.cfg.optim.embedding_lr
 
 
+def test_a_stage_can_take_its_own_dense_group_learning_rate(tiny_prepared, tmp_path, monkeypatch):
+    """At rate 0 in pre-training a dense group leaves it as it entered while the tables learn; the rate is the
+    stage's alone (the group's own rate comes back in the next stage)."""
+    _, data, _ = tiny_prepared
+    seen: dict[str, tuple] = {}
+    train_epoch = Trainer.train_epoch
+
+    def spy(self, epoch, state):
+        if self.stage.name not in seen:
+            seen[self.stage.name] = ({g.name: g.lr for g in self.groups}, _embedding_weights(self.model).clone())
+        return train_epoch(self, epoch, state)
+
+    monkeypatch.setattr(Trainer, "train_epoch", spy)
+    trainer = _staged(data, tmp_path, "train.stage_group_lr={pretrain: {head: 0.0}}")
+    head = [p.detach().clone() for p in trainer.task.head.parameters()]
+    trainer.fit()
+    assert seen["pretrain"][0]["head"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(head, trainer.task.head.parameters(), strict=True))
+    assert not torch.equal(seen["pretrain"][1], seen["ctr"][1])  # the tables learned in pre-training
+    assert seen["ctr"][0]["head"] == 0.01  # the task's default for the group, outside the stage
+    moved = _staged(data, tmp_path / "moved")
+    before = [p.detach().clone() for p in moved.task.head.parameters()]
+    moved.fit()
+    assert not all(torch.equal(a, b) for a, b in zip(before, moved.task.head.parameters(), strict=True))
+    with pytest.raises(ConfigError, match=r"train.stage_group_lr.pretrain names unknown parameter group\(s\) \['plm'\]"):
+        _staged(data, tmp_path / "x", "train.stage_group_lr={pretrain: {plm: 0.0}}")
+    with pytest.raises(ConfigError, match="unknown stage"):
+        _staged(data, tmp_path / "y", "train.stage_group_lr={fine_tune: {head: 0.0}}")
+
+
 def test_unknown_stage_or_group_names_are_refused(tiny_prepared, tmp_path):
     _, data, _ = tiny_prepared
     with pytest.raises(ConfigError, match="unknown stage"):

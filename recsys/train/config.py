@@ -90,6 +90,9 @@ class TrainConfig:
     stage_batch_size: dict[str, int] = field(default_factory=dict)
     # the embedding learning rate of named stages (default optim.embedding_lr), e.g. {pretrain: 0.0}
     stage_embedding_lr: dict[str, float] = field(default_factory=dict)
+    # the learning rate of named dense parameter groups in named stages (over optim.groups and the task's
+    # defaults), e.g. {pretrain: {dense: 0.0}}: the CTR model's dense layers left as they entered pre-training
+    stage_group_lr: dict[str, dict[str, float]] = field(default_factory=dict)
     # named stages that start with the fused embedding optimizer's state zeroed (Adagrad's sums), as a fine-tuning
     # script that builds a new optimizer would, e.g. [ctr]; by default it carries on from the stage before
     fresh_embedding_optimizer: list[str] = field(default_factory=list)

@@ -166,7 +166,7 @@ class Trainer:
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"{type(task).__name__} must declare uniquely named stages, got {names}")
         for key in ("stage_epochs", "stage_steps", "stage_eval_steps", "stage_batch_size", "stage_embedding_lr",
-                    "fresh_embedding_optimizer"):
+                    "stage_group_lr", "fresh_embedding_optimizer"):
             unknown = sorted(set(getattr(cfg.train, key)) - set(names))
             if unknown:
                 raise ConfigError(f"train.{key} names unknown stage(s) {unknown}; this task's stages: {names}")
@@ -238,10 +238,12 @@ class Trainer:
         dense = dense_parameters(self.model)
         names = {id(p): n for n, p in self.task.named_parameters()}
         declared = self.task.param_groups()
-        unknown = sorted(set(o.groups) - {g.name for g in declared} - {"dense"})
-        if unknown:
-            raise ConfigError(f"optim.groups names unknown parameter group(s) {unknown}; this task's groups: "
-                              f"{['dense', *[g.name for g in declared]]}")
+        in_stage = self.cfg.train.stage_group_lr.get(self.stage.name, {})
+        for key, given in (("optim.groups", o.groups), (f"train.stage_group_lr.{self.stage.name}", in_stage)):
+            unknown = sorted(set(given) - {g.name for g in declared} - {"dense"})
+            if unknown:
+                raise ConfigError(f"{key} names unknown parameter group(s) {unknown}; this task's groups: "
+                                  f"{['dense', *[g.name for g in declared]]}")
         members: dict[str, dict[str, torch.nn.Parameter]] = {g.name: {} for g in [ParamGroup("dense", ()), *declared]}
         for key, p in dense.items():
             task_name = names.get(id(p), key)
@@ -253,7 +255,9 @@ class Trainer:
                 continue
             user = o.groups.get(g.name, GroupOptimConfig())
             kind = user.optimizer or g.optimizer or o.dense_optimizer
-            lr = _first(user.lr, g.lr, o.dense_lr)
+            lr = _first(in_stage.get(g.name), user.lr, g.lr, o.dense_lr)
+            if g.name in in_stage:
+                self._log(f"stage {self.stage.name}: group {g.name} at learning rate {lr:g} (train.stage_group_lr)")
             wd = _first(user.weight_decay, g.weight_decay, o.dense_weight_decay)
             schedule = user.schedule or g.schedule or "constant"
             warmup = _first(user.warmup_steps, g.warmup_steps, 0)
