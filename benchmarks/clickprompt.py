@@ -25,7 +25,9 @@ Steps, each skipped when its output exists (rerun to resume):
 4. with ``--diagnose``, what in PA-MLM costs (b) its AUC: ``clickprompt_b_fresh`` fine-tunes from zeroed
    embedding-optimizer state (not PA-MLM's Adagrad sums), ``clickprompt_b_dense_pretrained`` runs PA-MLM with the
    embedding tables at rate 0 (the prompts shape only the dense layers), ``clickprompt_b_tables_pretrained`` with
-   the CTR model's dense layers at rate 0 (``--diagnose`` names the variants; none named: the first two). Each
+   the CTR model's dense layers at rate 0, and their control ``clickprompt_b_nothing_pretrained``: both at rate 0
+   and fine-tuned from zeroed Adagrad state, the base through (b)'s pipeline (``--diagnose`` names the variants;
+   none named: the first two). Each
    starts from the finished (b) stages it would recompute bit for bit (hard links), so the first costs a CTR stage
    and the others a PA-MLM and one. The prompt probe runs on those two's pre-trained weights too: do their
    prompts still carry the ID view?
@@ -103,17 +105,22 @@ def variants(tokens: Path, args: argparse.Namespace) -> dict[str, list[str]]:
            for variant, mode in (("clickprompt_a_from_b", "joint"), ("clickprompt_b_continued", "ctr"),
                                  ("clickprompt_a_frozen_ctr", "joint"))},
     }
+    fresh = "train.fresh_embedding_optimizer=[ctr]"
+    tables_frozen = _braced("train.stage_embedding_lr", {"pretrain": 0.0})
+    dense_frozen = _braced("train.stage_group_lr", {"pretrain": {"dense": 0.0}})
     # (b) whose fine-tuning starts with zeroed Adagrad sums, as the reference's separate fine-tuning script starts
     # with a new optimizer: PA-MLM's sums otherwise slow the CTR stage's embedding steps
-    out["clickprompt_b_fresh"] = [*out["clickprompt_b"], "train.fresh_embedding_optimizer=[ctr]"]
+    out["clickprompt_b_fresh"] = [*out["clickprompt_b"], fresh]
     # (b) whose PA-MLM leaves the embedding tables as initialised (their rate 0 there): the prompts shape only the
     # CTR model's dense layers, so (b)'s loss to the base is the tables' or the dense layers'
-    out["clickprompt_b_dense_pretrained"] = [*out["clickprompt_b"], _braced("train.stage_embedding_lr",
-                                                                            {"pretrain": 0.0})]
+    out["clickprompt_b_dense_pretrained"] = [*out["clickprompt_b"], tables_frozen]
     # its mirror: PA-MLM leaves the CTR model's dense layers as initialised (the tables and the prompt generator
     # learn), so (b) fine-tunes from PA-MLM's tables alone
-    out["clickprompt_b_tables_pretrained"] = [*out["clickprompt_b"], _braced("train.stage_group_lr",
-                                                                             {"pretrain": {"dense": 0.0}})]
+    out["clickprompt_b_tables_pretrained"] = [*out["clickprompt_b"], dense_frozen]
+    # the control of the three above: PA-MLM can change nothing of the CTR model and fine-tuning starts from
+    # zeroed Adagrad state, so this is the base run through (b)'s pipeline, from another random start (the
+    # language model and the planner draw from the same generator first)
+    out["clickprompt_b_nothing_pretrained"] = [*out["clickprompt_b"], fresh, tables_frozen, dense_frozen]
     # the CTR model frozen (embeddings and dense layers at rate 0): only the PLM, the prompts and the scoring
     # head learn, so the joint model's change from (b) is the language model's alone
     out["clickprompt_a_frozen_ctr"] += ["optim.embedding_lr=0", _braced("optim.groups", {"dense": {"lr": 0.0}})]
@@ -129,7 +136,7 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 # the stages of (b) that each diagnostic variant would recompute bit for bit, as it changes only what follows
 SHARED_STAGES = {"clickprompt_b_fresh": ("warmup", "pretrain"), "clickprompt_b_dense_pretrained": ("warmup",),
-                 "clickprompt_b_tables_pretrained": ("warmup",)}
+                 "clickprompt_b_tables_pretrained": ("warmup",), "clickprompt_b_nothing_pretrained": ("warmup",)}
 # what each variant with a PA-MLM of its own keeps of PA-MLM, as the prompt probe's rows name it
 OWN_PRETRAIN = {"clickprompt_b_dense_pretrained": "tables frozen in PA-MLM",
                 "clickprompt_b_tables_pretrained": "dense layers frozen in PA-MLM"}
@@ -365,7 +372,9 @@ def report(args: argparse.Namespace, data: str, results: dict, probes: dict, tok
               "whose PA-MLM leaves the embedding tables as initialised (their learning rate 0 there), so the "
               "prompts shape only the CTR model's dense layers; `clickprompt_b_tables_pretrained` (b) whose PA-MLM "
               "leaves the CTR model's dense layers as initialised (their learning rate 0 there), so (b) fine-tunes "
-              "from PA-MLM's tables alone; `clickprompt_a` the same pre-training, then CTR model and language model together; "
+              "from PA-MLM's tables alone; `clickprompt_b_nothing_pretrained` their control: tables and dense layers at rate "
+              "0 in PA-MLM and fine-tuned from zeroed Adagrad state (the base through (b)'s pipeline, from another "
+              "random start); `clickprompt_a` the same pre-training, then CTR model and language model together; "
               "`clickprompt_a_from_b` CTR model and language model together from the (b) run of the same seed "
               "(its CTR model, PLM and prompts), the PLM's scoring head starting at zero; `clickprompt_b_continued` "
               "its control: the (b) run's CTR model trained on as many rows in as small batches, without the PLM; "

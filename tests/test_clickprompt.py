@@ -7,10 +7,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
 import torch
+from sharded_state import embedding_weights, fbgemm_optimizer_state
 
 from embedding_jobs.row_tokens import run as make_row_tokens
 from embedding_jobs.tiny_models import save_tiny_masked_lm
@@ -18,6 +20,7 @@ from recsys.data.schema import PreparedSchema
 from recsys.experiment import build_task, build_trainer, load_config
 from recsys.methods.clickprompt import IGNORE, PromptedMLM, bert_mask
 from recsys.train.config import ConfigError
+from recsys.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -236,8 +239,6 @@ def test_a_tokenizer_without_a_mask_token_is_refused(setup, tmp_path):
 
 
 def test_a_killed_pre_training_resumes_where_it_stopped(setup, tmp_path, monkeypatch):
-    from recsys.train.trainer import Trainer
-
     straight = build_trainer(_cfg(setup, tmp_path / "a", "cp")).fit()
     written, count = Trainer._write_progress, {"n": 0}
 
@@ -288,3 +289,35 @@ def test_a_diagnostic_variant_started_from_b_s_stages_ends_where_recomputing_the
     assert shared["test_logloss"] != b["test_logloss"]
     with pytest.raises(RuntimeError, match="have not finished"):
         bench.share_stages("d", "dcnv2", 2, variant)  # no (b) run for seed 2
+
+
+def test_the_diagnosis_control_leaves_the_ctr_model_as_initialised_while_the_prompts_learn(setup, tmp_path,
+                                                                                          monkeypatch):
+    """``clickprompt_b_nothing_pretrained``: PA-MLM with the tables and the CTR model's dense layers at rate 0,
+    fine-tuned from zeroed Adagrad state. Its CTR stage must start from the CTR model as initialised (so the
+    variant is the base through (b)'s pipeline), while the prompt generator and the PLM do learn."""
+    from benchmarks.clickprompt import variants
+
+    seen = {}
+    train_epoch = Trainer.train_epoch
+
+    def spy(self, epoch, state):
+        if self.stage.name not in seen:
+            named = dict(self.task.named_parameters())
+            seen[self.stage.name] = (embedding_weights(self.model).clone(),
+                                     {k: p.detach().clone() for k, p in named.items() if not k.startswith("plm.")},
+                                     {k: p.detach().clone() for k, p in named.items() if k.startswith("plm.")},
+                                     sum(float(t.abs().sum()) for t in fbgemm_optimizer_state(self.model)))
+        return train_epoch(self, epoch, state)
+
+    monkeypatch.setattr(Trainer, "train_epoch", spy)
+    args = SimpleNamespace(mlm_eval_steps=1, warmup_epochs=1, pretrain_epochs=1, warmup_steps=2, pretrain_steps=2,
+                           mlm_batch=8, joint_steps=2, joint_epochs=1)
+    control = variants(Path("unused"), args)["clickprompt_b_nothing_pretrained"]
+    overrides = [o.replace("{{", "{").replace("}}", "}") for o in control if o.startswith("train.")]
+    assert len(overrides) == 7  # the stages' epochs, steps, batch size and validation, then the three settings
+    build_trainer(_cfg(setup, tmp_path, "control", "method.clickprompt.warmup=true", *overrides)).fit()
+    (emb0, ctr0, plm0, _), (emb1, ctr1, plm1, sums) = seen["pretrain"], seen["ctr"]
+    assert torch.equal(emb0, emb1) and all(torch.equal(ctr0[k], ctr1[k]) for k in ctr0) and sums == 0
+    assert any(not torch.equal(plm0[k], plm1[k]) for k in plm0 if "generator" in k)
+    assert any(not torch.equal(plm0[k], plm1[k]) for k in plm0 if "generator" not in k)

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from sharded_state import embedding_weights, fbgemm_optimizer_state
 from staged_task import PRETRAIN, StagedTask
 from synthetic_tables import random_method_tables
-from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from recsys.data.schema import PreparedSchema
 from recsys.experiment import build_trainer, load_config
@@ -244,15 +244,6 @@ def test_a_run_killed_before_the_next_stages_first_checkpoint_resumes_to_the_sam
         assert resumed[key] == straight[key], key
 
 
-def _fbgemm_optimizer_state(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The embedding optimizer's state as FBGEMM's kernels hold it (not the optimizer's views of it); the sharded
-    modules keep their lookups in a plain list, out of ``modules()``."""
-    kernels = [k for m in model.modules() for lookup in getattr(m, "_lookups", [])
-               for k in lookup.modules() if hasattr(k, "split_optimizer_states")]
-    assert kernels
-    return [t for k in kernels for states in k.split_optimizer_states() for t in states]
-
-
 def test_a_stage_named_fresh_starts_with_zeroed_embedding_optimizer_state(tiny_prepared, tmp_path, monkeypatch):
     _, data, _ = tiny_prepared
     at_start: dict[str, float] = {}
@@ -260,7 +251,7 @@ def test_a_stage_named_fresh_starts_with_zeroed_embedding_optimizer_state(tiny_p
 
     def spy(self, epoch, state):
         if self.stage.name == "ctr" and self.cfg.train.out_dir not in at_start:
-            at_start[self.cfg.train.out_dir] = sum(float(t.abs().sum()) for t in _fbgemm_optimizer_state(self.model))
+            at_start[self.cfg.train.out_dir] = sum(float(t.abs().sum()) for t in fbgemm_optimizer_state(self.model))
         return train_epoch(self, epoch, state)
 
     monkeypatch.setattr(Trainer, "train_epoch", spy)
@@ -275,12 +266,6 @@ def test_a_stage_named_fresh_starts_with_zeroed_embedding_optimizer_state(tiny_p
         _staged(data, tmp_path / "c", "train.fresh_embedding_optimizer=[fine_tune]")
 
 
-def _embedding_weights(model: torch.nn.Module) -> torch.Tensor:
-    """This rank's shards of every table, in one vector."""
-    return torch.cat([shard.tensor.flatten() for t in model.state_dict().values() if isinstance(t, ShardedTensor)
-                      for shard in t.local_shards()])
-
-
 def test_a_stage_can_take_its_own_embedding_learning_rate(tiny_prepared, tmp_path, monkeypatch):
     """At rate 0 in pre-training the tables leave it as they entered (the dense layers learn); the CTR stage
     then trains them at optim.embedding_lr."""
@@ -290,14 +275,14 @@ def test_a_stage_can_take_its_own_embedding_learning_rate(tiny_prepared, tmp_pat
 
     def spy(self, epoch, state):
         if not weights or self.stage.name == "ctr" and len(weights) == 1:
-            weights.append(_embedding_weights(self.model).clone())
+            weights.append(embedding_weights(self.model).clone())
         return train_epoch(self, epoch, state)
 
     monkeypatch.setattr(Trainer, "train_epoch", spy)
     trainer = _staged(data, tmp_path, "train.stage_embedding_lr={pretrain: 0.0}")
     trainer.fit()
     assert len(weights) == 2 and torch.equal(weights[0], weights[1])  # pre-training left the tables alone
-    assert not torch.equal(_embedding_weights(trainer.model), weights[1])  # fine-tuning moved them
+    assert not torch.equal(embedding_weights(trainer.model), weights[1])  # fine-tuning moved them
     assert trainer.model.fused_optimizer.param_groups[0]["lr"] == trainer.cfg.optim.embedding_lr
 
 
@@ -310,7 +295,7 @@ def test_a_stage_can_take_its_own_dense_group_learning_rate(tiny_prepared, tmp_p
 
     def spy(self, epoch, state):
         if self.stage.name not in seen:
-            seen[self.stage.name] = ({g.name: g.lr for g in self.groups}, _embedding_weights(self.model).clone())
+            seen[self.stage.name] = ({g.name: g.lr for g in self.groups}, embedding_weights(self.model).clone())
         return train_epoch(self, epoch, state)
 
     monkeypatch.setattr(Trainer, "train_epoch", spy)
