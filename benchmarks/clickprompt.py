@@ -27,10 +27,9 @@ Steps, each skipped when its output exists (rerun to resume):
    embedding tables at rate 0 (the prompts shape only the dense layers), ``clickprompt_b_tables_pretrained`` with
    the CTR model's dense layers at rate 0, and their control ``clickprompt_b_nothing_pretrained``: both at rate 0
    and fine-tuned from zeroed Adagrad state, the base through (b)'s pipeline (``--diagnose`` names the variants;
-   none named: the first two). Each
-   starts from the finished (b) stages it would recompute bit for bit (hard links), so the first costs a CTR stage
-   and the others a PA-MLM and one. The prompt probe runs on those two's pre-trained weights too: do their
-   prompts still carry the ID view?
+   none named: the first two). Each starts from the finished (b) stages it would recompute bit for bit (hard
+   links), so the first costs a CTR stage and the others a PA-MLM and one. The prompt probe also runs on the
+   pre-trained weights of the two that freeze one part: do their prompts still carry the ID view?
 
 On these 2 cores a pass of MiniLM over every training row does not fit, so pre-training runs on a row budget
 (``--warmup-steps``, ``--pretrain-steps`` of ``--mlm-batch`` rows per epoch, ``--warmup-epochs`` and
