@@ -314,7 +314,7 @@ def test_the_diagnosis_control_leaves_the_ctr_model_as_initialised_while_the_pro
     args = SimpleNamespace(mlm_eval_steps=1, warmup_epochs=1, pretrain_epochs=1, warmup_steps=2, pretrain_steps=2,
                            mlm_batch=8, joint_steps=2, joint_epochs=1)
     control = variants(Path("unused"), args)["clickprompt_b_nothing_pretrained"]
-    overrides = [o.replace("{{", "{").replace("}}", "}") for o in control if o.startswith("train.")]
+    overrides = [o.format() for o in control if o.startswith("train.")]  # as benchmarks.quality fills them
     assert len(overrides) == 7  # the stages' epochs, steps, batch size and validation, then the three settings
     build_trainer(_cfg(setup, tmp_path, "control", "method.clickprompt.warmup=true", *overrides)).fit()
     (emb0, ctr0, plm0, _), (emb1, ctr1, plm1, sums) = seen["pretrain"], seen["ctr"]
